@@ -1,0 +1,103 @@
+"""Slide manifests (CSV or Parquet, local or any fsspec URL): loading and validation at the boundary.
+
+Every problem is reported before any work starts, naming the file, the 1-based data row and the column.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from . import storage
+from .errors import ManifestError
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]*$")
+
+
+def read_table(url: str) -> pa.Table:
+    """Read a CSV or Parquet table; all CSV columns are read as strings (no silent type guessing)."""
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise ManifestError("manifest not found", file=str(url)) from None
+    if str(url).lower().endswith((".parquet", ".pq")):
+        return pq.read_table(io.BytesIO(data))
+    try:
+        header = pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(skip_rows_after_names=10**9))
+        names = header.column_names
+        return pacsv.read_csv(
+            io.BytesIO(data),
+            convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in names},
+                                                 strings_can_be_null=False),
+        )
+    except pa.ArrowInvalid as exc:
+        raise ManifestError(f"not a readable CSV: {exc}", file=str(url)) from None
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (
+        isinstance(value, str) and value.strip() == "")
+
+
+def validate_slide_id(value: Any, *, file: str, row: int, column: str = "slide_id") -> str:
+    """Slide ids become file names: no separators, no '..', no leading dot, no spaces."""
+    if _is_missing(value):
+        raise ManifestError("empty slide id", file=file, row=row, column=column)
+    sid = str(value).strip()
+    if not SAFE_ID.match(sid) or ".." in sid:
+        raise ManifestError(
+            f"unsafe slide id {sid!r}: ids become file names, use letters, digits, '.', '_', '+', '-' "
+            "(no path separators, no '..', no leading dot)", file=file, row=row, column=column)
+    return sid
+
+
+def load_manifest(url: str, required: Iterable[str] = ("slide_id", "path"),
+                  optional_float: Iterable[str] = ("mpp",)) -> list[dict[str, Any]]:
+    """Rows of a slide manifest as dicts, validated: required columns, safe unique ids, non-empty paths.
+
+    ``mpp`` (when present and non-empty) must be a positive number. Other columns are carried as given.
+    """
+    url = str(url)
+    table = read_table(url)
+    columns = table.column_names
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise ManifestError(f"missing required column(s) {missing}; found {columns}", file=url)
+    rows = table.to_pylist()
+    if not rows:
+        raise ManifestError("manifest has no rows", file=url)
+    seen: dict[str, int] = {}
+    out = []
+    for i, row in enumerate(rows, start=1):
+        row = {k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()}
+        if "slide_id" in required or "slide_id" in row:
+            sid = validate_slide_id(row.get("slide_id"), file=url, row=i)
+            if sid in seen:
+                raise ManifestError(f"duplicate slide id {sid!r} (first seen in row {seen[sid]})",
+                                    file=url, row=i, column="slide_id")
+            seen[sid] = i
+            row["slide_id"] = sid
+        if "path" in required and _is_missing(row.get("path")):
+            raise ManifestError("empty path", file=url, row=i, column="path")
+        for col in optional_float:
+            if col in row:
+                if _is_missing(row[col]):
+                    row[col] = None
+                    continue
+                try:
+                    val = float(row[col])
+                except (TypeError, ValueError):
+                    raise ManifestError(f"{col} must be a number, got {row[col]!r}", file=url, row=i,
+                                        column=col) from None
+                if not (val > 0 and math.isfinite(val)):
+                    raise ManifestError(f"{col} must be positive, got {row[col]!r}", file=url, row=i,
+                                        column=col)
+                row[col] = val
+        out.append(row)
+    return out

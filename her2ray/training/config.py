@@ -1,0 +1,81 @@
+"""``TrainConfig``: every knob of ``her2ray train`` in one validated object (YAML section ``train`` or flags).
+
+Defaults follow the official KAT recipe (kat.md section 6: Adam lr 1e-4, no weight decay, batch 32,
+class-balanced sampling, tile-dropout augmentation with aug_rate 0.5, dropout 0.5, dim 256, depth 4,
+heads 8, dim_head 64, mlp_dim 512, npk 144, MAX_NODES 4096). The official code trains a fixed 200 epochs
+and picks the epoch by hand; we add early stopping on validation macro AUC (``patience``) so a cohort run
+needs no human in the loop, and keep ``max_epochs`` as the ceiling.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ..config import StageConfig
+
+MODEL_NAMES = ("kat", "abmil")
+
+
+class TrainConfig(StageConfig):
+    """Cross-validation training settings; unknown keys are rejected (``StageConfig``)."""
+
+    # --- protocol --------------------------------------------------------------------------------
+    model: Literal["kat", "abmil"] = "kat"
+    folds: int = Field(5, ge=2, le=50, description="CV folds (ignored with split_by=center: one per center)")
+    seed: int = 0
+    split_by: Literal["patient", "center"] = "patient"
+    train_centers: list[str] | None = None
+    test_centers: list[str] | None = None
+    balance: Literal["sampler", "loss"] = "sampler"
+
+    # --- optimisation (official recipe) ----------------------------------------------------------
+    max_epochs: int = Field(200, ge=1)
+    patience: int = Field(20, ge=1, description="epochs without val macro-AUC improvement before stopping")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    aug_rate: float = Field(0.5, ge=0, lt=1, description="max tile-dropout rate (official node augmentation)")
+    eval_batch_size: int = Field(8, ge=1)
+
+    # --- model hyper-parameters (KAT; ABMIL uses dim and dropout) --------------------------------
+    dim: int = Field(256, ge=1)
+    depth: int = Field(4, ge=1)
+    heads: int = Field(8, ge=1)
+    dim_head: int = Field(64, ge=1)
+    mlp_dim: int = Field(512, ge=1)
+    npk: int = Field(144, ge=1)
+    max_nodes: int = Field(4096, ge=16)
+    dropout: float = Field(0.5, ge=0, lt=1)
+    emb_dropout: float = Field(0.0, ge=0, lt=1)
+    abmil_dropout: float = Field(0.25, ge=0, lt=1)
+
+    # --- Ray resources ----------------------------------------------------------------------------
+    address: str | None = None
+    cpus_per_fold: float = Field(1.0, gt=0)
+    gpus_per_fold: float = Field(0.0, ge=0)
+    max_concurrent_folds: int = Field(0, ge=0, description="0 = all folds at once")
+    max_failures: int = Field(0, ge=0, description="Ray Train worker-group restarts per fold run")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if (self.train_centers is None) != (self.test_centers is None):
+            raise ValueError("train_centers and test_centers go together (external validation mode)")
+        if self.train_centers is not None:
+            overlap = set(self.train_centers) & set(self.test_centers or [])
+            if overlap:
+                raise ValueError(f"centers {sorted(overlap)} are in both train_centers and test_centers")
+            if not self.train_centers or not self.test_centers:
+                raise ValueError("train_centers and test_centers must not be empty")
+        if self.gpus_per_fold > 1 and self.gpus_per_fold != int(self.gpus_per_fold):
+            raise ValueError("gpus_per_fold above 1 must be a whole number")
+        return self
+
+    def model_hparams(self) -> dict[str, Any]:
+        """Keyword arguments for ``build_model(self.model, ...)``."""
+        if self.model == "kat":
+            return {"dim": self.dim, "depth": self.depth, "heads": self.heads, "dim_head": self.dim_head,
+                    "mlp_dim": self.mlp_dim, "npk": self.npk, "dropout": self.dropout,
+                    "emb_dropout": self.emb_dropout}
+        return {"dim": self.dim, "dropout": self.abmil_dropout}
