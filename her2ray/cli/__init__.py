@@ -18,6 +18,13 @@ from ..errors import Her2RayError
 STAGES: tuple[str, ...] = (
     "synth",
     "tile",
+    "embed",
+    "train",
+    "score",
+    "evaluate",
+    "heatmap",
+    "demo",
+    "cohort",
 )
 
 

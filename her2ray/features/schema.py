@@ -23,6 +23,15 @@ FEATURES_DIR = "features"
 CATALOG_FILE = "slides.parquet"
 RUN_FILE = "run.json"
 
+#: catalog (slides.parquet) statuses; "skipped" = a valid file reused by a resumed embed run
+STATUS_OK, STATUS_FAILED, STATUS_SKIPPED = "ok", "failed", "skipped"
+USABLE_STATUSES: tuple[str, ...] = (STATUS_OK, STATUS_SKIPPED)
+
+
+def is_usable(status: str | None) -> bool:
+    """True when a catalog status means the slide has a valid feature file."""
+    return status in USABLE_STATUSES
+
 
 def feature_schema(dim: int) -> pa.Schema:
     return pa.schema([

@@ -5,7 +5,8 @@ independently would pretend they are independent evidence and give intervals tha
 replicate therefore draws *patients* with replacement and keeps all slides of each drawn patient.
 
 Why separate fast metric functions: 1000 replicates x several metrics through scikit-learn take seconds per
-cohort (and per center). The functions here compute the same numbers from ranks and confusion matrices;
+cohort (and per center). A replicate is represented by integer row weights (how often each slide was drawn)
+and the functions here compute the same numbers from pre-ranked scores and weighted confusion matrices;
 the point estimate returned with each interval is computed by the same function on the full data, and the
 tests check it equals :func:`classification_metrics` (i.e. scikit-learn).
 
@@ -18,30 +19,42 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
 
 from ..labels import HER2_SCORES, NUM_CLASSES
 from .metrics import ENDPOINTS, endpoint_scores, validate_inputs
 
 DEFAULT_METRIC_KEYS: tuple[str, ...] = (
-    "accuracy", "auc_macro_ovr", "f1_macro", "qwk",
+    "accuracy", "auc_macro_ovr", "f1_micro", "f1_macro", "qwk",
     *(f"auc_per_class.{c}" for c in HER2_SCORES),
     *(f"endpoints.{e}.auc" for e in ENDPOINTS),
 )
 
 
-def _auc(y_bin: np.ndarray, score: np.ndarray) -> float | None:
-    """Mann-Whitney form of the ROC AUC (ties count 1/2): equal to sklearn's trapezoidal AUC."""
-    n_pos = int(y_bin.sum())
-    n_neg = y_bin.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    ranks = rankdata(score)
-    return float((ranks[y_bin.astype(bool)].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+class _WeightedAUC:
+    """ROC AUC of a fixed (truth, score) pair under integer row weights (bootstrap multiplicities).
 
+    Mann-Whitney form with ties counted 1/2, which equals scikit-learn's trapezoidal AUC; the scores are
+    ranked once, so each replicate costs two ``bincount`` calls instead of a sort.
+    """
 
-def _confusion(y: np.ndarray, pred: np.ndarray, c: int) -> np.ndarray:
-    return np.bincount(y * c + pred, minlength=c * c).reshape(c, c)
+    def __init__(self, y_bin: np.ndarray, score: np.ndarray, rows: np.ndarray | None = None):
+        self.rows = rows  # subset of rows the endpoint uses (None: all)
+        self.pos = np.asarray(y_bin).astype(bool)
+        _, self.level = np.unique(np.asarray(score, dtype=np.float64), return_inverse=True)
+        self.n_levels = int(self.level.max()) + 1 if self.level.size else 0
+
+    def __call__(self, weights: np.ndarray) -> float | None:
+        w = weights if self.rows is None else weights[self.rows]
+        w = w.astype(np.float64)
+        w_pos = w * self.pos
+        w_neg = w - w_pos
+        n_pos, n_neg = w_pos.sum(), w_neg.sum()
+        if n_pos == 0 or n_neg == 0:
+            return None
+        pos_at = np.bincount(self.level, weights=w_pos, minlength=self.n_levels)
+        neg_at = np.bincount(self.level, weights=w_neg, minlength=self.n_levels)
+        neg_below = np.cumsum(neg_at) - neg_at
+        return float((pos_at * (neg_below + 0.5 * neg_at)).sum() / (n_pos * n_neg))
 
 
 def _qwk(cm: np.ndarray) -> float | None:
@@ -66,66 +79,87 @@ def _f1_macro(cm: np.ndarray) -> float:
     return float(f1.mean())
 
 
-class _Context:
-    """Things several metrics of one replicate share (prediction, confusion matrix), computed once."""
+class _Prepared:
+    """Per-dataset precomputation shared by all replicates: predictions, cell ids, ranked scores."""
 
     def __init__(self, y: np.ndarray, probs: np.ndarray):
         self.y, self.probs = y, probs
+        self.c = probs.shape[1]
         self.pred = np.argmax(probs, axis=1)
-        self._cm: np.ndarray | None = None
+        self.correct = (self.pred == y).astype(np.float64)
+        self.cell = y * self.c + self.pred
+        self.present = [k for k in range(self.c) if np.any(y == k)]
+        self._auc: dict[str, _WeightedAUC] = {}
 
-    @property
-    def cm(self) -> np.ndarray:
-        if self._cm is None:
-            self._cm = _confusion(self.y, self.pred, self.probs.shape[1])
-        return self._cm
+    def class_auc(self, k: int) -> _WeightedAUC:
+        key = f"class{k}"
+        if key not in self._auc:
+            self._auc[key] = _WeightedAUC(self.y == k, self.probs[:, k])
+        return self._auc[key]
+
+    def endpoint_auc(self, name: str) -> _WeightedAUC:
+        if name not in self._auc:
+            rows = np.flatnonzero(np.isin(self.y, ENDPOINTS[name]["population"]))
+            y_bin, score = endpoint_scores(name, self.y, self.probs)
+            self._auc[name] = _WeightedAUC(y_bin, score, rows)
+        return self._auc[name]
+
+    def confusion(self, w: np.ndarray) -> np.ndarray:
+        return np.bincount(self.cell, weights=w, minlength=self.c * self.c).reshape(self.c, self.c)
 
 
-def _metric_function(key: str, reference_classes: Sequence[int]) -> Callable[[_Context], float | None]:
-    """Fast function for a dotted metric key; ``reference_classes``: the classes present in the full data."""
+def _metric_function(key: str, prep: _Prepared) -> Callable[[np.ndarray], float | None]:
+    """Function of the row weights for a dotted metric key."""
     if key in ("accuracy", "f1_micro"):
-        return lambda c: float(np.mean(c.pred == c.y))
+        return lambda w: float((w * prep.correct).sum() / w.sum())
     if key == "f1_macro":
-        return lambda c: _f1_macro(c.cm)
+        return lambda w: _f1_macro(prep.confusion(w))
     if key == "qwk":
-        return lambda c: _qwk(c.cm)
+        return lambda w: _qwk(prep.confusion(w))
     if key == "auc_macro_ovr":
-        def macro(c: _Context) -> float | None:
-            # Same class set as the point estimate: a replicate missing one of them is undefined.
-            if len(reference_classes) < 2:
+        # Same class set as the point estimate: a replicate missing one of them is undefined.
+        fns = [prep.class_auc(k) for k in prep.present]
+
+        def macro(w: np.ndarray) -> float | None:
+            if len(fns) < 2:
                 return None
-            aucs = [_auc((c.y == k).astype(np.int64), c.probs[:, k]) for k in reference_classes]
+            aucs = [f(w) for f in fns]
             return None if any(a is None for a in aucs) else float(np.mean(aucs))
         return macro
     if key.startswith("auc_per_class."):
         name = key.split(".", 1)[1]
         if name not in HER2_SCORES:
             raise ValueError(f"unknown class in metric key {key!r}; classes are {list(HER2_SCORES)}")
-        k = HER2_SCORES.index(name)
-        return lambda c: _auc((c.y == k).astype(np.int64), c.probs[:, k])
+        return prep.class_auc(HER2_SCORES.index(name))
     if key.startswith("endpoints.") and key.endswith(".auc"):
         ep = key[len("endpoints."):-len(".auc")]
         if ep not in ENDPOINTS:
             raise ValueError(f"unknown endpoint in metric key {key!r}; endpoints are {list(ENDPOINTS)}")
-        return lambda c: _auc(*endpoint_scores(ep, c.y, c.probs))
-    raise ValueError(f"unsupported bootstrap metric key {key!r}; use one of {list(DEFAULT_METRIC_KEYS)} "
-                     "or f1_micro")
+        return prep.endpoint_auc(ep)
+    raise ValueError(f"unsupported bootstrap metric key {key!r}; use one of {list(DEFAULT_METRIC_KEYS)}")
+
+
+def bootstrap_weights(groups: Sequence[Any], n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Yield ``n_boot`` integer weight vectors: how often each row is in a replicate that draws groups
+    (patients) with replacement. All rows of one group always get the same weight, so the slides of one
+    patient travel together. Deterministic given ``seed`` and the order of ``groups``.
+    """
+    groups = np.asarray([str(g) for g in groups], dtype=object)
+    if groups.size == 0:
+        return
+    _, group_of_row = np.unique(groups, return_inverse=True)
+    n_groups = int(group_of_row.max()) + 1
+    rng = np.random.default_rng(seed)
+    for _ in range(int(n_boot)):
+        drawn = np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups)
+        yield drawn[group_of_row]
 
 
 def bootstrap_indices(groups: Sequence[Any], n_boot: int, seed: int) -> Iterator[np.ndarray]:
-    """Yield ``n_boot`` arrays of row indices, each drawing the groups (patients) with replacement.
-
-    Every row of a drawn group appears as many times as its group was drawn, so the slides of one patient
-    always travel together. Deterministic given ``seed`` and the order of ``groups``.
-    """
-    groups = np.asarray(groups, dtype=object)
-    _, group_of_row = np.unique(groups.astype(str), return_inverse=True)
-    n_groups = int(group_of_row.max()) + 1 if groups.size else 0
-    rng = np.random.default_rng(seed)
-    rows = np.arange(groups.size)
-    for _ in range(int(n_boot)):
-        drawn = np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups)
-        yield np.repeat(rows, drawn[group_of_row])
+    """The replicates of :func:`bootstrap_weights` as row-index arrays (each row repeated by its weight)."""
+    rows = np.arange(len(groups))
+    for w in bootstrap_weights(groups, n_boot, seed):
+        yield np.repeat(rows, w)
 
 
 def bootstrap_ci(y_true: Any, probs: Any, groups: Sequence[Any] | None = None,
@@ -148,15 +182,14 @@ def bootstrap_ci(y_true: Any, probs: Any, groups: Sequence[Any] | None = None,
     if len(groups) != y.size:
         raise ValueError(f"groups has {len(groups)} entries for {y.size} samples")
     keys = list(dict.fromkeys(metric_keys))
-    present = [k for k in range(NUM_CLASSES) if np.any(y == k)]
-    fns = {k: _metric_function(k, present) for k in keys}
-    full = _Context(y, p)
-    estimates = {k: fn(full) for k, fn in fns.items()}
+    prep = _Prepared(y, p)
+    fns = {k: _metric_function(k, prep) for k in keys}
+    ones = np.ones(y.size, dtype=np.int64)
+    estimates = {k: fn(ones) for k, fn in fns.items()}
     samples: dict[str, list[float]] = {k: [] for k in keys}
-    for idx in bootstrap_indices(groups, n_boot, seed):
-        ctx = _Context(y[idx], p[idx])
+    for w in bootstrap_weights(groups, n_boot, seed):
         for k, fn in fns.items():
-            value = fn(ctx)
+            value = fn(w)
             if value is not None:
                 samples[k].append(value)
     out: dict[str, dict[str, Any]] = {}

@@ -221,7 +221,7 @@ def _stats(values: Sequence[float | None], ddof: int) -> dict[str, Any]:
     }
 
 
-def summarize_folds(fold_metrics: Sequence[Mapping[str, Any]], ddof: int = 1) -> dict[str, Any]:
+def summarize_folds(fold_metrics: Sequence[Mapping[str, Any] | None], ddof: int = 1) -> dict[str, Any]:
     """Mean, std (``numpy.std(ddof=ddof)``; sample std by default) and per-fold values of fold metrics.
 
     Returns the keys of :func:`classification_metrics`: scalar keys (``accuracy``, ``auc_macro_ovr``,
@@ -229,36 +229,40 @@ def summarize_folds(fold_metrics: Sequence[Mapping[str, Any]], ddof: int = 1) ->
     each endpoint operating point's ``fpr``/``fnr`` become ``{mean, std, per_fold}``; ``None`` values
     (undefined in a fold) are left out of mean/std, kept in ``per_fold`` and explained in ``notes``.
     ``n`` is the total, ``class_counts`` and ``confusion_matrix`` are pooled (summed) over folds,
-    ``n_folds`` is added and ``notes`` collects every fold's notes prefixed with its index.
+    ``n_folds`` is added and ``notes`` collects every fold's notes prefixed with its index. A fold given as
+    ``None`` (no slides) counts as undefined everywhere.
     """
-    folds = list(fold_metrics)
-    if not folds:
+    raw = list(fold_metrics)
+    if not raw:
         raise ValueError("no fold metrics to summarize")
-    notes: list[str] = []
+    notes: list[str] = [f"fold {i}: no metrics (no slides); left out of mean/std"
+                        for i, f in enumerate(raw) if not f]
+    folds = [f or {} for f in raw]
+    first = next((f for f in folds if f), {})
 
     def stat(label: str, values: list[Any]) -> dict[str, Any]:
-        missing = [i for i, v in enumerate(values) if v is None]
+        missing = [i for i, v in enumerate(values) if v is None and folds[i]]  # empty folds noted once
         if missing:
-            notes.append(f"{label}: undefined in fold(s) {missing}; mean/std over "
-                         f"{len(values) - len(missing)} of {len(values)} folds")
+            defined = sum(v is not None for v in values)
+            notes.append(f"{label}: undefined in fold(s) {missing}; mean/std over {defined} of {len(values)} folds")
         return _stats(values, ddof)
 
     out: dict[str, Any] = {"n_folds": len(folds), "n": int(sum(int(f.get("n", 0)) for f in folds))}
     for key in SCALAR_KEYS:
         out[key] = stat(key, [f.get(key) for f in folds])
-    class_names = list(folds[0].get("auc_per_class", {}).keys())
+    class_names = list(first.get("auc_per_class", {}).keys())
     out["auc_per_class"] = {c: stat(f"auc_per_class[{c}]", [f.get("auc_per_class", {}).get(c) for f in folds])
                             for c in class_names}
     counts = [f.get("class_counts") or {} for f in folds]
-    out["class_counts"] = {c: int(sum(int(cc.get(c, 0)) for cc in counts)) for c in counts[0]}
+    out["class_counts"] = {c: int(sum(int(cc.get(c, 0)) for cc in counts)) for c in first.get("class_counts") or {}}
     matrices = [np.asarray(f["confusion_matrix"]) for f in folds if f.get("confusion_matrix") is not None]
     out["confusion_matrix"] = np.sum(matrices, axis=0).astype(int).tolist() if matrices else None
     endpoints: dict[str, Any] = {}
-    for ep in (folds[0].get("endpoints") or {}):
+    for ep in (first.get("endpoints") or {}):
         eps = [(f.get("endpoints") or {}).get(ep) or {} for f in folds]
         ops_per_fold = [e.get("operating_points") or [] for e in eps]
         ops = []
-        for j, op in enumerate(ops_per_fold[0]):
+        for j, op in enumerate(first["endpoints"][ep].get("operating_points") or []):
             t = op["threshold"]
             fold_ops = [o[j] if j < len(o) else {} for o in ops_per_fold]
             ops.append({
@@ -267,7 +271,7 @@ def summarize_folds(fold_metrics: Sequence[Mapping[str, Any]], ddof: int = 1) ->
                 "fnr": _stats([o.get("fnr") for o in fold_ops], ddof),
             })
         endpoints[ep] = {
-            "description": eps[0].get("description"),
+            "description": first["endpoints"][ep].get("description"),
             "auc": stat(f"endpoints[{ep}].auc", [e.get("auc") for e in eps]),
             "operating_points": ops,
         }

@@ -24,7 +24,7 @@ class SlideReader(abc.ABC):
     """An open whole-slide image. Coordinates are level-0 pixels unless a name says otherwise.
 
     Subclasses implement ``_level_dimensions``, ``_level_downsamples``, ``_properties``,
-    ``_native_mpp``, ``_read_rgba`` and ``_close``; optionally ``_thumbnail``.
+    ``_native_mpp``, ``_read_rgba`` and ``_close``; optionally ``_thumbnail`` and ``_read_rgb``.
     """
 
     backend_name: str = "abstract"
@@ -139,7 +139,11 @@ class SlideReader(abc.ABC):
             raise ValueError(f"{self.path}: level {level} out of range 0..{self.level_count - 1}")
         if w <= 0 or h <= 0:
             raise ValueError(f"{self.path}: region size must be positive, got {w}x{h}")
-        return composite_on_white(self._read_rgba(int(x0), int(y0), int(level), int(w), int(h)))
+        return self._read_rgb(int(x0), int(y0), int(level), int(w), int(h))
+
+    def _read_rgb(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
+        """RGB on white; a backend with a faster native RGB path overrides this."""
+        return composite_on_white(self._read_rgba(x0, y0, level, w, h))
 
     def thumbnail(self, max_px: int = 1024) -> np.ndarray:
         """uint8 RGB thumbnail of the whole slide whose longer side is ``max_px`` (aspect kept)."""

@@ -60,7 +60,7 @@ def _fit_od(od_pixels: np.ndarray, alpha: float, beta: float) -> MacenkoParams |
     stains /= np.linalg.norm(stains, axis=0, keepdims=True)
     if float(stains[:, 0] @ stains[:, 1]) > MAX_STAIN_COSINE:
         return None
-    conc = np.linalg.lstsq(stains, stained.T, rcond=None)[0]   # [2, n]
+    conc = np.linalg.pinv(stains) @ stained.T   # [2, n] least squares (lstsq is 30x slower here)
     max_c = np.percentile(conc, 99, axis=1)
     if not np.all(np.isfinite(max_c)) or np.any(max_c <= 1e-6):
         return None
@@ -82,7 +82,10 @@ def normalize_tile(tile: np.ndarray, target: MacenkoParams, alpha: float = 1.0,
     """Re-render one uint8 tile [H,W,3] with the target stains; unchanged if it cannot be fitted.
 
     Only pixels stained in some channel are recoloured; pure background keeps its exact values, so a
-    tile's white areas do not turn grey (the reference implementation maps white to Io=240).
+    tile's white areas do not turn grey (the reference implementation maps white to Io=240). The OD
+    residual outside the fitted two-stain plane is added back unchanged: the reference implementation
+    drops it, which shifts colours even when a tile is normalised to its own stains (blue +19/255 on
+    the CMU tiles); keeping it makes "normalise to yourself" the identity.
     """
     h, w, _ = tile.shape
     od = rgb_to_od(tile.reshape(-1, 3), io)
@@ -90,8 +93,10 @@ def normalize_tile(tile: np.ndarray, target: MacenkoParams, alpha: float = 1.0,
     if source is None:
         return tile.copy()
     mask = loose_tissue_mask(od, beta)
-    conc = np.linalg.lstsq(source.stain_matrix, od[mask].T, rcond=None)[0]   # [2, m]
+    od_t = od[mask].T                                                          # [3, m]
+    conc = np.linalg.pinv(source.stain_matrix) @ od_t                            # [2, m]
+    residual = od_t - source.stain_matrix @ conc      # what two stains cannot explain (JPEG, pen, ...)
     conc *= (target.max_concentrations / source.max_concentrations)[:, None]
     out = tile.reshape(-1, 3).copy()
-    out[mask] = od_to_rgb((target.stain_matrix @ conc).T, io)
+    out[mask] = od_to_rgb((target.stain_matrix @ conc + residual).T, io)
     return out.reshape(h, w, 3)

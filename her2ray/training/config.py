@@ -38,6 +38,8 @@ class TrainConfig(StageConfig):
     weight_decay: float = Field(0.0, ge=0)
     aug_rate: float = Field(0.5, ge=0, lt=1, description="max tile-dropout rate (official node augmentation)")
     eval_batch_size: int = Field(8, ge=1)
+    cache_features: bool = Field(True, description="keep kept-tile features in RAM across epochs (fast; "
+                                                    "~n_tiles*dim*4 bytes per slide per concurrent fold)")
 
     # --- model hyper-parameters (KAT; ABMIL uses dim and dropout) --------------------------------
     dim: int = Field(256, ge=1)
@@ -56,7 +58,8 @@ class TrainConfig(StageConfig):
     cpus_per_fold: float = Field(1.0, gt=0)
     gpus_per_fold: float = Field(0.0, ge=0)
     max_concurrent_folds: int = Field(0, ge=0, description="0 = all folds at once")
-    max_failures: int = Field(0, ge=0, description="Ray Train worker-group restarts per fold run")
+    max_failures: int = Field(1, ge=0, description="Ray Train restarts per fold (a restart resumes from the "
+                                                    "last epoch checkpoint); a rerun of the command resumes too")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

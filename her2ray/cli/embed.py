@@ -1,0 +1,99 @@
+"""``her2ray embed``: tissue tiles of every manifest slide -> encoder features -> Parquet feature store (Ray Data).
+
+Flags win over the ``embed`` section of ``--config`` (YAML). The manifest is validated before any work.
+Exit status: 0 when every slide is ok or skipped, 1 when any slide failed (the count and reasons are printed;
+the rest of the cohort is still embedded), 2 for bad input (manifest, config, encoder weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..config import load_yaml
+from ..errors import ConfigError
+
+#: YAML keys of the ``embed`` section that place work on the cluster (everything else is an EmbedConfig key)
+RAY_KEYS = ("address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "overwrite", "progress")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "embed", help="embed tissue tiles with PLIP (or another encoder) into a Parquet feature store",
+        description="Writes OUT/features/<slide_id>.parquet (x, y, tissue_fraction, feature), OUT/slides.parquet "
+                    "(status per slide: ok | failed | skipped) and OUT/run.json. Reruns skip slides already "
+                    "embedded with the same encoder and tiling settings (use --overwrite to recompute).")
+    p.add_argument("--manifest", required=True, help="CSV/Parquet with slide_id, path [, mpp, ...] (local or s3://)")
+    p.add_argument("--out", required=True, help="feature store: local folder or s3:// prefix")
+    p.add_argument("--encoder", default=None, help="plip (default) | open_clip:<arch> | open_clip")
+    p.add_argument("--weights", default=None,
+                   help="hub id (vinid/plip), local folder (transformers or open_clip format) or file; "
+                        "default: RANDOM weights (a warning is logged and recorded)")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16", "bf16-pure", "fp16-pure"],
+                   help="default: bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when the actor has a GPU)")
+    p.add_argument("--mpp", type=float, default=None, help="target microns per pixel of the tiles (default 0.5)")
+    p.add_argument("--tile-px", type=int, default=None, help="tile edge in pixels at --mpp (default 256)")
+    p.add_argument("--min-tissue", type=float, default=None, help="minimum tissue fraction of a tile (default 0.25)")
+    p.add_argument("--batch-size", type=int, default=None, help="tiles per encoder batch (default 1024 GPU / 64 CPU)")
+    p.add_argument("--read-workers", type=int, default=None, help="tile-reading threads per actor")
+    p.add_argument("--address", default=None, help="Ray address (auto, host:6379, ray://host:10001); "
+                                                    "default: $RAY_ADDRESS inside a job, else a local Ray")
+    p.add_argument("--num-actors", type=int, default=None, help="encoder actors (default: one per GPU, "
+                                                                 "or cluster CPUs / --num-cpus-per-actor)")
+    p.add_argument("--num-gpus-per-actor", type=float, default=None,
+                   help="GPUs per actor; fractions share a GPU (default 1 when the cluster has GPUs, else 0)")
+    p.add_argument("--num-cpus-per-actor", type=float, default=None, help="CPUs per CPU-only actor (default 4)")
+    p.add_argument("--overwrite", action="store_true", help="recompute slides that already have feature files")
+    p.add_argument("--config", default=None, help="YAML file; its `embed` section gives defaults, flags win")
+    p.add_argument("--no-progress", action="store_true", help="no per-slide progress lines")
+    p.set_defaults(func=run)
+    return p
+
+
+def build_config(args) -> tuple[Any, dict[str, Any]]:
+    """(EmbedConfig, Ray options) from ``--config`` + flags."""
+    from ..features.embed import EmbedConfig
+
+    source = args.config or "her2ray embed flags"
+    data: dict[str, Any] = {}
+    if args.config:
+        raw = load_yaml(args.config)
+        data = dict(raw.get("embed") or {}) if "embed" in raw else dict(raw)
+    ray_opts = {k: data.pop(k) for k in RAY_KEYS if k in data}
+    tiling = dict(data.pop("tiling", None) or {})
+    for flag, key in (("mpp", "target_mpp"), ("tile_px", "tile_px"), ("min_tissue", "min_tissue")):
+        if getattr(args, flag) is not None:
+            tiling[key] = getattr(args, flag)
+    flags = {"encoder": args.encoder, "weights": args.weights, "precision": args.precision,
+             "device": args.device, "batch_size": args.batch_size, "read_workers": args.read_workers}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    data["tiling"] = tiling
+    cfg = EmbedConfig.from_mapping(data, source=source)
+    for key in ("address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor"):
+        if getattr(args, key) is not None:
+            ray_opts[key] = getattr(args, key)
+    if args.overwrite:
+        ray_opts["overwrite"] = True
+    if args.no_progress:
+        ray_opts["progress"] = False
+    for key in ("num_actors",):
+        if ray_opts.get(key) is not None and int(ray_opts[key]) < 1:
+            raise ConfigError(f"{source}: {key} must be >= 1, got {ray_opts[key]}")
+    return cfg, ray_opts
+
+
+def run(args) -> int:
+    from ..features.pipeline import embed_slides
+    from ..manifest import load_manifest
+
+    rows = load_manifest(args.manifest)          # validated before any work (ManifestError -> exit 2)
+    cfg, ray_opts = build_config(args)
+    summary = embed_slides(rows, args.out, cfg, manifest=args.manifest, **ray_opts)
+    print(summary.table())
+    if summary.n_failed:
+        print(f"her2ray embed: {summary.n_failed} of {summary.n_slides} slide(s) failed "
+              f"(reasons in {summary.catalog_url})", file=sys.stderr)
+        return 1
+    return 0

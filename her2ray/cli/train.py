@@ -1,0 +1,101 @@
+"""``her2ray train``: k-fold cross-validation of KAT (or ABMIL) on Ray Train, one concurrent run per fold.
+
+Settings come from ``--config`` (a YAML file: its ``train:`` section, or the whole file) and then from
+flags, which win; the merged result is validated as one ``TrainConfig`` (unknown keys are errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+# flag dest -> TrainConfig key (flags default to None so only given flags override the YAML)
+_FLAG_KEYS = ("folds", "seed", "model", "split_by", "balance", "max_epochs", "patience", "batch_size", "lr",
+              "weight_decay", "aug_rate", "address", "cpus_per_fold", "gpus_per_fold", "max_concurrent_folds",
+              "max_failures", "dim", "depth", "heads", "dim_head", "mlp_dim", "npk", "max_nodes", "dropout")
+
+
+def _centers(value: str) -> list[str]:
+    items = [c.strip() for c in value.split(",") if c.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of centers")
+    return items
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="cross-validate KAT/ABMIL on a feature store (Ray Train, folds in parallel)",
+        description="Patient-grouped, HER2-stratified k-fold CV (or leave-one-center-out, or train/test by "
+                    "center) of KAT or ABMIL. Writes splits, per-fold checkpoints, out-of-fold and test "
+                    "predictions, metrics.json, report.md and PNGs to --out. Rerunning resumes.")
+    p.add_argument("--features", required=True, help="feature store (local or s3://): features/, slides.parquet")
+    p.add_argument("--manifest", required=True, help="labelled manifest: slide_id, her2_score[, patient_id][, center]")
+    p.add_argument("--test-manifest", help="held-out labelled test manifest (evaluated by the fold ensemble)")
+    p.add_argument("--out", required=True, help="run folder (local or s3://)")
+    p.add_argument("--config", help="YAML with TrainConfig keys (top level or a 'train:' section)")
+    p.add_argument("--folds", type=int, help="number of CV folds (default 5)")
+    p.add_argument("--seed", type=int, help="split + training seed (default 0)")
+    p.add_argument("--model", choices=("kat", "abmil"), help="slide model (default kat)")
+    p.add_argument("--split-by", choices=("patient", "center"), help="patient-grouped k-fold or leave-one-center-out")
+    p.add_argument("--train-centers", type=_centers, help="external validation: CV within these centers (A,B)")
+    p.add_argument("--test-centers", type=_centers, help="external validation: test on these centers (C)")
+    p.add_argument("--balance", choices=("sampler", "loss"), help="class balance: weighted sampler (official) or "
+                                                                   "class-weighted loss")
+    p.add_argument("--max-epochs", type=int, help="epoch ceiling (default 200)")
+    p.add_argument("--patience", type=int, help="early-stopping patience in epochs on val macro AUC (default 20)")
+    p.add_argument("--batch-size", type=int, help="slides per batch (default 32)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
+    p.add_argument("--weight-decay", type=float, help="Adam weight decay (default 0)")
+    p.add_argument("--aug-rate", type=float, help="tile-dropout augmentation rate (default 0.5)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--cpus-per-fold", type=float, help="CPUs per fold worker (fractions allowed; default 1)")
+    p.add_argument("--gpus-per-fold", type=float, help="GPUs per fold worker (e.g. 0.2 = 5 folds per GPU)")
+    p.add_argument("--max-concurrent-folds", type=int, help="folds running at once (0 = all)")
+    p.add_argument("--max-failures", type=int, help="Ray Train restarts per fold before giving up (default 1)")
+    for name, typ, hint in (("dim", int, 256), ("depth", int, 4), ("heads", int, 8), ("dim-head", int, 64),
+                            ("mlp-dim", int, 512), ("npk", int, 144), ("max-nodes", int, 4096),
+                            ("dropout", float, 0.5)):
+        p.add_argument(f"--{name}", type=typ, help=f"model hyper-parameter (default {hint})")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    """YAML (if any) overlaid with the flags that were given, validated as ``TrainConfig``."""
+    from ..config import load_yaml
+    from ..training.config import TrainConfig
+
+    data: dict[str, Any] = {}
+    source = "flags"
+    if args.config:
+        raw = load_yaml(args.config)
+        data = dict(raw["train"]) if isinstance(raw.get("train"), dict) else dict(raw)
+        source = f"{args.config} + flags"
+    for key in _FLAG_KEYS:
+        value = getattr(args, key, None)
+        if value is not None:
+            data[key] = value
+    if args.train_centers is not None:
+        data["train_centers"] = args.train_centers
+    if args.test_centers is not None:
+        data["test_centers"] = args.test_centers
+    return TrainConfig.from_mapping(data, source=source)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training.run import train_cv
+
+    cfg = config_from_args(args)
+    summary = train_cv(args.features, args.manifest, args.out, cfg, test_manifest=args.test_manifest)
+    for fold, f in summary["folds"].items():
+        state = "skipped (done)" if f["skipped"] else f"epochs {f['start_epoch']}..{f['epochs_run'] - 1}"
+        print(f"fold {fold}: {state}, best epoch {f['best_epoch']}, val macro AUC {_fmt(f['val_auc'])}")
+    print(f"val macro AUC (mean over folds) {_fmt(summary['val_auc_mean'])}; out-of-fold {_fmt(summary['oof_auc'])}"
+          + (f"; test (ensemble) {_fmt(summary['test_auc'])}" if summary["test_auc"] is not None else ""))
+    if summary["excluded"]:
+        print(f"excluded {len(summary['excluded'])} slide(s): see {args.out}/excluded_slides.parquet")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"

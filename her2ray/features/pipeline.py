@@ -1,0 +1,287 @@
+"""Cohort embedding on Ray Data: manifest rows in, one feature file per slide + a catalog out.
+
+Shape (design/ray-notes.md §1.3, "pattern A"; rows = slides, pixels never enter the object store)::
+
+    todo = manifest rows minus slides already done with the same settings      (driver, catalog.plan_resume)
+    ray.data.from_items(todo, override_num_blocks=len(todo))                   (one block per slide)
+      .map_batches(SlideEmbedActor, batch_size=1, compute=ActorPoolStrategy(size=n),
+                   num_gpus=g  | num_cpus=c)                                  (encoder loaded once per actor)
+      .iter_rows()  -> small status rows stream back; the driver logs progress
+
+Why this layer is thin: each actor calls the Ray-free engine ``embed_slide`` (features/embed.py), which
+writes its slide's file itself. Nothing here changes what a feature is; it only decides where slides run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from .. import storage
+from ..errors import ConfigError
+from ..provenance import run_record
+from . import catalog
+from .embed import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, EmbedConfig, embed_slide, load_engine_encoder,
+                    resume_key, status_row)
+from .schema import FEATURES_DIR, RUN_FILE
+
+log = logging.getLogger(__name__)
+
+
+class SlideEmbedActor:
+    """Ray Data callable class: one encoder per actor, one slide per call (``batch_size=1``)."""
+
+    def __init__(self, cfg: dict[str, Any], out_store: str, storage_options: dict[str, Any] | None = None,
+                 torch_threads: int | None = None):
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(max(1, int(torch_threads)))   # no oversubscription next to other actors
+        self.cfg = EmbedConfig.from_mapping({**cfg, "storage_options": storage_options})
+        self.out_store = out_store
+        self.encoder = load_engine_encoder(self.cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        rows = _batch_rows(batch)
+        return status_table([embed_slide(r, self.encoder, self.cfg, self.out_store) for r in rows])
+
+
+def _batch_rows(batch: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    n = len(batch["slide_id"])
+    rows = []
+    for i in range(n):
+        mpp = batch["mpp"][i] if "mpp" in batch else None
+        if mpp is not None and not (isinstance(mpp, (float, np.floating)) and np.isfinite(mpp)):
+            mpp = None
+        rows.append({"slide_id": str(batch["slide_id"][i]), "path": str(batch["path"][i]),
+                     "mpp": None if mpp is None else float(mpp)})
+    return rows
+
+
+def status_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    return pa.Table.from_pylist([dict(r) for r in rows], schema=catalog.CATALOG_SCHEMA)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class EmbedSummary:
+    """What one ``embed_slides`` call did; also written to run.json."""
+
+    out: str
+    n_slides: int
+    counts: dict[str, int]
+    n_tiles_embedded: int
+    seconds: float
+    failed: list[dict[str, str]] = field(default_factory=list)
+    encoder: dict[str, Any] = field(default_factory=dict)
+    actors: dict[str, Any] = field(default_factory=dict)
+    catalog_url: str = ""
+    run_url: str = ""
+
+    @property
+    def n_failed(self) -> int:
+        return self.counts.get(STATUS_FAILED, 0)
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.n_tiles_embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": self.out, "n_slides": self.n_slides, "counts": self.counts,
+                "n_tiles_embedded": self.n_tiles_embedded, "seconds": round(self.seconds, 3),
+                "tiles_per_s": round(self.tiles_per_s, 2), "failed": self.failed, "actors": self.actors}
+
+    def table(self) -> str:
+        """Human summary printed at the end of a run."""
+        lines = [f"her2ray embed: {self.n_slides} slides -> {self.out}",
+                 f"  ok       {self.counts.get(STATUS_OK, 0):6d}",
+                 f"  skipped  {self.counts.get(STATUS_SKIPPED, 0):6d}   (already embedded with the same settings)",
+                 f"  failed   {self.counts.get(STATUS_FAILED, 0):6d}",
+                 f"  tiles embedded {self.n_tiles_embedded} in {self.seconds:.1f} s ({self.tiles_per_s:.1f} tiles/s)",
+                 f"  encoder {self.encoder.get('name')} [{self.encoder.get('architecture')}] weights "
+                 f"{str(self.encoder.get('weights_sha256'))[:12]}"
+                 + ("  ** RANDOM WEIGHTS **" if self.encoder.get("random_weights") else "")]
+        for f in self.failed[:20]:
+            lines.append(f"  FAILED {f['slide_id']}: {f['error']}")
+        if len(self.failed) > 20:
+            lines.append(f"  ... and {len(self.failed) - 20} more failures (see {self.catalog_url})")
+        return "\n".join(lines)
+
+
+class _Progress:
+    """Driver-side progress: slides done/total, tiles/s, ETA; throttled for big cohorts, failures always."""
+
+    def __init__(self, total: int, enabled: bool = True, every_s: float = 10.0):
+        self.total, self.enabled, self.every_s = total, enabled, every_s
+        self.done = self.tiles = self.failed = 0
+        self.t0 = self._last = time.perf_counter()
+
+    def update(self, row: Mapping[str, Any]) -> None:
+        self.done += 1
+        self.tiles += int(row.get("n_tiles") or 0)
+        is_failed = row.get("status") == STATUS_FAILED
+        self.failed += is_failed
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if is_failed:
+            log.warning("slide %s failed: %s", row.get("slide_id"), row.get("error"))
+        if self.total <= 200 or now - self._last >= self.every_s or self.done == self.total or is_failed:
+            self._last = now
+            elapsed = now - self.t0
+            eta = elapsed / self.done * (self.total - self.done)
+            log.info("[%d/%d slides] %s %s (%d tiles, %.1fs) | %.1f tiles/s | %d failed | ETA %s",
+                     self.done, self.total, row.get("slide_id"), row.get("status"), int(row.get("n_tiles") or 0),
+                     float(row.get("seconds") or 0.0), self.tiles / max(elapsed, 1e-9), self.failed,
+                     _fmt_seconds(eta))
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def ensure_ray(address: str | None = None):
+    """Connect to ``address`` (or ``$RAY_ADDRESS`` inside a job); otherwise start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or None, log_to_driver=False)
+        log.info("Ray: %s", ray.cluster_resources())
+    return ray
+
+
+def plan_actors(resources: Mapping[str, float], n_todo: int, *, num_actors: int | None = None,
+                num_gpus_per_actor: float | None = None, num_cpus_per_actor: float | None = None
+                ) -> dict[str, Any]:
+    """Actor count and per-actor resources: one actor per GPU (or per fraction) when the cluster has GPUs,
+    else CPU actors of ``num_cpus_per_actor`` (default min(4, cluster CPUs)) each."""
+    gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 1.0))
+    if num_gpus_per_actor is None:
+        num_gpus_per_actor = 1.0 if gpus >= 1 else 0.0
+    if num_gpus_per_actor < 0:
+        raise ConfigError(f"--num-gpus-per-actor must be >= 0, got {num_gpus_per_actor}")
+    if num_gpus_per_actor > 0:
+        if gpus == 0:
+            log.warning("GPU actors requested but the cluster shows no GPUs yet (autoscaling?); actors wait for one")
+        n = num_actors or max(1, int(math.floor(gpus / num_gpus_per_actor + 1e-9)))
+        plan = {"num_gpus": float(num_gpus_per_actor), "device": None, "torch_threads": None}
+    else:
+        c = float(num_cpus_per_actor or max(1.0, min(4.0, cpus)))
+        n = num_actors or max(1, int(cpus // c))
+        plan = {"num_cpus": c, "device": "cpu", "torch_threads": max(1, int(c))}
+    plan["num_actors"] = max(1, min(int(n), max(1, n_todo)))
+    return plan
+
+
+def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, *, address: str | None = None,
+                 num_actors: int | None = None, num_gpus_per_actor: float | None = None,
+                 num_cpus_per_actor: float | None = None, overwrite: bool = False, progress: bool = True,
+                 manifest: str | None = None) -> EmbedSummary:
+    """Embed every manifest row not already done into the store ``out`` (local folder or s3:// prefix).
+
+    Writes ``features/<slide_id>.parquet`` (by the actors), then ``slides.parquet`` and ``run.json``.
+    Returns an ``EmbedSummary``; per-slide failures are in it (and in the catalog), never raised.
+    """
+    t0 = time.perf_counter()
+    so = cfg.storage_options
+    rows = [dict(r) for r in rows]
+    storage.makedirs(storage.join(out, FEATURES_DIR))
+    catalog.remove_stray_temp_files(out)
+
+    # The encoder's identity (weights SHA-256) is part of the resume key; loading it here also fails fast on
+    # bad --encoder/--weights before any worker starts.
+    identity = load_engine_encoder(cfg.model_copy(update={"device": "cpu", "precision": "fp32"})).identity
+    identity = {k: v for k, v in identity.items() if k not in ("device", "precision")}   # the driver's, not actors'
+    settings = {k: identity[k] for k in ("name", "architecture", "weights_sha256", "dim", "random_weights",
+                                         "preprocess") if k in identity}
+    key = resume_key(settings, cfg.tiling)
+    plan = catalog.plan_resume(rows, out, key, overwrite=overwrite, storage_options=so)
+    if plan.stale:
+        log.info("%d slide(s) have feature files made with other settings: recomputing them (e.g. %s)",
+                 len(plan.stale), plan.stale[0])
+    log.info("embed: %d slides in manifest, %d already done (skipped), %d to embed",
+             len(rows), len(plan.skipped), len(plan.todo))
+    record = run_record("embed", cfg.to_dict(), encoder=identity, resume_key=key, manifest=manifest,
+                        status="running", n_slides=len(rows))
+    run_url = storage.join(out, RUN_FILE)
+    _write_run(run_url, record, so)
+
+    results: dict[str, dict[str, Any]] = {}
+    actors: dict[str, Any] = {}
+    if plan.todo:
+        ray = ensure_ray(address)
+        actors = plan_actors(ray.cluster_resources(), len(plan.todo), num_actors=num_actors,
+                             num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor)
+        results = _run_actors(ray, plan.todo, out, cfg, actors, progress)
+
+    statuses = list(plan.skipped)
+    for r in plan.todo:
+        statuses.append(results.get(r["slide_id"]) or status_row(
+            r, STATUS_FAILED, error="no result from the worker (process crashed or the block errored; "
+                                    "see the Ray worker logs)"))
+    table = catalog.build_catalog(rows, statuses)
+    catalog_url = catalog.write_catalog(out, table, so)
+    counts = {s: 0 for s in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)}
+    for s in statuses:
+        counts[s["status"]] = counts.get(s["status"], 0) + 1
+    summary = EmbedSummary(
+        out=out, n_slides=len(rows), counts=counts,
+        n_tiles_embedded=sum(int(s["n_tiles"]) for s in statuses if s["status"] == STATUS_OK),
+        seconds=time.perf_counter() - t0,
+        failed=[{"slide_id": s["slide_id"], "error": str(s["error"])} for s in statuses
+                if s["status"] == STATUS_FAILED],
+        encoder=identity, actors={k: v for k, v in actors.items() if v is not None},
+        catalog_url=catalog_url, run_url=run_url)
+    _write_run(run_url, {**record, "status": "finished", "summary": summary.to_dict()}, so)
+    return summary
+
+
+def _write_run(url: str, record: dict[str, Any], storage_options: Mapping[str, Any] | None) -> None:
+    """run.json (config, versions, encoder identity, summary); never holds storage options/credentials."""
+    storage.write_text_atomic(url, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n",
+                              storage_options)
+
+
+def _run_actors(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, actors: dict[str, Any],
+                progress: bool) -> dict[str, dict[str, Any]]:
+    """Map the engine over ``todo`` on an actor pool; returns status rows by slide id as they stream in."""
+    items = [{"slide_id": r["slide_id"], "path": str(r["path"]),
+              "mpp": None if r.get("mpp") in (None, "") else float(r["mpp"])} for r in todo]
+    actor_cfg = cfg.to_dict()
+    if actors.get("device"):
+        actor_cfg["device"] = cfg.device or actors["device"]
+    remote = {"num_gpus": actors["num_gpus"]} if "num_gpus" in actors else {"num_cpus": actors["num_cpus"]}
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.max_errored_blocks, ctx.enable_progress_bars)
+    # A slide that kills its worker process (e.g. a native crash in a slide library) must not stop the cohort:
+    # its block is dropped and the slide reported as failed by the driver.
+    ctx.max_errored_blocks = len(items)
+    if progress:
+        ctx.enable_progress_bars = False      # our per-slide lines replace Ray's operator bars
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        statuses = ds.map_batches(
+            SlideEmbedActor,
+            fn_constructor_kwargs={"cfg": actor_cfg, "out_store": out, "storage_options": cfg.storage_options,
+                                   "torch_threads": actors.get("torch_threads")},
+            batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors["num_actors"]),
+            **remote)
+        meter = _Progress(len(items), enabled=progress)
+        results: dict[str, dict[str, Any]] = {}
+        for row in statuses.iter_rows():
+            row = dict(row)
+            results[str(row["slide_id"])] = row
+            meter.update(row)
+        return results
+    finally:
+        ctx.max_errored_blocks, ctx.enable_progress_bars = saved

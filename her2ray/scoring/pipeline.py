@@ -1,0 +1,328 @@
+"""Cohort scoring on Ray Data: slide ids in, one small prediction row per slide out.
+
+Shape (ray-notes.md section 3, "rows = (slide_id, feature_uri)" variant):
+
+    from_items([{slide_id, feature_url}], override_num_blocks=...)      # ids only: a few bytes per slide
+      .map_batches(EnsembleScorer, compute=ActorPoolStrategy(size=actors), batch_size=batch_slides,
+                   num_cpus=..., num_gpus=...)                            # loads every fold ONCE per actor
+      .iter_batches(...)  -> driver collects the small rows, shows progress
+
+Why this shape: features never travel through the object store or the driver. Each actor reads one slide's
+Parquet file, scores it and drops it, so memory is flat whether the cohort has 10 or 10,000 slides; the driver
+holds only the id list and the result rows (~0.3 KB per slide). Attention tables are written by the actor
+itself (atomic per-slide files), never returned.
+
+Slides that cannot be scored are never silently dropped: the driver first checks the feature store (catalog
+status, file present) and the actor reports read/model failures; all land in ``failed.csv`` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+from pydantic import Field
+
+from .. import storage
+from ..config import StageConfig
+from ..errors import FeatureStoreError
+from ..features.schema import CATALOG_FILE, FEATURES_DIR, USABLE_STATUSES, feature_url
+from ..labels import HER2_SCORES, PROB_COLUMNS
+from ..provenance import run_record, write_run_record
+from .checkpoints import ensemble_identity
+from .engine import ATTENTION_DIR, RESULT_SCHEMA, FoldEnsemble, rows_to_table, score_slide
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS_PARQUET = "predictions.parquet"
+PREDICTIONS_CSV = "predictions.csv"
+FAILED_CSV = "failed.csv"
+RUN_FILE = "run.json"
+
+#: Columns written to predictions.parquet/csv, in this order (carried manifest columns follow).
+PREDICTION_COLUMNS: tuple[str, ...] = (
+    "slide_id", *PROB_COLUMNS, "pred_score", "her2_low", "fold_std",
+    *(c.name for c in RESULT_SCHEMA if c.name.startswith("fold_std_")),
+    "n_tiles", "n_tiles_used", "n_folds", "model_run_id", "model_sha256", "attention_url",
+)
+FAILED_COLUMNS: tuple[str, ...] = ("slide_id", "stage", "reason")
+
+
+class ScoreConfig(StageConfig):
+    """Settings of ``her2ray score`` (flags or YAML section ``score``)."""
+
+    features: str = Field(..., description="feature store (folder or s3:// prefix) written by `her2ray embed`")
+    model: str = Field(..., description="training run folder (RUN/folds/<k>/best.pt)")
+    out: str = Field(..., description="output folder for predictions, attention and run.json")
+    manifest: str | None = Field(None, description="subset of slides + columns carried into the predictions")
+    attention: bool = False
+    address: str | None = None
+    batch_slides: int = Field(8, ge=1)
+    actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    progress: bool = True
+
+
+@dataclass
+class ScoreSummary:
+    """What a scoring run did (returned to the CLI, also recorded in run.json)."""
+
+    out: str
+    n_requested: int
+    n_scored: int
+    n_failed: int
+    seconds: float
+    class_counts: dict[str, int]
+    n_her2_low: int
+    model: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"out": self.out, "n_requested": self.n_requested, "n_scored": self.n_scored,
+                "n_failed": self.n_failed, "seconds": round(self.seconds, 3), "class_counts": self.class_counts,
+                "n_her2_low": self.n_her2_low, "model_run_id": self.model.get("run_id"),
+                "model_sha256": self.model.get("sha256")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ray Data actor
+
+class EnsembleScorer:
+    """Callable-class UDF: one per actor; the fold ensemble is loaded once in ``__init__``."""
+
+    def __init__(self, run_url: str, out_dir: str, attention: bool = False, device: str | None = None,
+                 expected_sha256: str | None = None, num_threads: int | None = None):
+        if num_threads:
+            import torch
+
+            torch.set_num_threads(max(1, int(num_threads)))  # no oversubscription next to other actors
+        self.ensemble = FoldEnsemble.from_run(run_url, device=device, expected_sha256=expected_sha256)
+        self.out_dir, self.attention = out_dir, attention
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        rows = [score_slide(self.ensemble, str(sid), str(url), out_dir=self.out_dir, attention=self.attention)
+                for sid, url in zip(batch["slide_id"], batch["feature_url"])]
+        return rows_to_table(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driver side: which slides, with which feature file, and why the others are not scored
+
+@dataclass
+class ScoringPlan:
+    todo: list[dict[str, str]]                 # {slide_id, feature_url}
+    failed: list[dict[str, str]]               # {slide_id, stage, reason}
+    order: list[str]                           # output order (manifest order, else sorted ids)
+    carried: pa.Table | None                   # manifest columns to join on slide_id
+
+
+def _read_catalog(store: str) -> tuple[set[str], dict[str, str]]:
+    """(ids listed ok, {id: reason} for the others) from the store's slides.parquet; empty if none.
+
+    Only the failed rows are kept as text: a 100k-slide catalog costs the driver a set of ids.
+    """
+    url = storage.join(store, CATALOG_FILE)
+    if not storage.exists(url):
+        return set(), {}
+    table = storage.read_parquet(url)
+    ids = [str(v) for v in table.column("slide_id").to_pylist()]
+    if "status" not in table.column_names:
+        return set(ids), {}
+    status = table.column("status").to_pylist()
+    errors = table.column("error").to_pylist() if "error" in table.column_names else [None] * len(ids)
+    ok, bad = set(), {}
+    for sid, st, err in zip(ids, status, errors):
+        if not st or st in USABLE_STATUSES:
+            ok.add(sid)
+        else:
+            bad[sid] = f"feature extraction {st}" + (f": {err}" if err else "")
+    return ok, bad
+
+
+def _available_ids(store: str) -> set[str]:
+    """Slide ids with a feature file: one listing of the features folder (not one HEAD per slide)."""
+    files = storage.list_files(storage.join(store, FEATURES_DIR), suffix=".parquet")
+    return {f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")] for f in files}
+
+
+def plan_scoring(store: str, manifest: str | None = None) -> ScoringPlan:
+    """Decide which slides to score and list the others with a reason, before any worker starts."""
+    catalog_ok, catalog_bad = _read_catalog(store)
+    available = _available_ids(store)
+    carried = None
+    if manifest:
+        from ..manifest import load_manifest, read_table
+
+        rows = load_manifest(manifest, required=("slide_id",), optional_float=())
+        ids = [r["slide_id"] for r in rows]
+        del rows
+        table = read_table(manifest)
+        keep = [c for c in table.column_names if c != "slide_id"]
+        clash = set(keep) & (set(PREDICTION_COLUMNS) | {"status", "error", "stage", "reason"})
+        carried = pa.table({"slide_id": pa.array(ids, pa.string()),
+                            **{(f"manifest_{c}" if c in clash else c): table.column(c) for c in keep}})
+    else:
+        ids = sorted(catalog_ok | set(catalog_bad) | available)
+    if not ids:
+        raise FeatureStoreError(f"{store}: no slides to score (no {CATALOG_FILE}, no {FEATURES_DIR}/*.parquet)")
+    todo, failed = [], []
+    for sid in ids:
+        if sid in catalog_bad:
+            failed.append({"slide_id": sid, "stage": "features", "reason": catalog_bad[sid]})
+        elif sid not in available:
+            where = "listed as ok in slides.parquet but" if sid in catalog_ok else "not in the feature store:"
+            failed.append({"slide_id": sid, "stage": "features",
+                           "reason": f"{where} no file {feature_url(store, sid)}"})
+        else:
+            todo.append({"slide_id": sid, "feature_url": feature_url(store, sid)})
+    return ScoringPlan(todo=todo, failed=failed, order=ids, carried=carried)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def _ensure_ray(address: str | None):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+    return ray
+
+
+def run_ray_scoring(plan_todo: list[dict[str, str]], cfg: ScoreConfig, identity: dict[str, Any],
+                    on_batch=None) -> pa.Table:
+    """Score ``plan_todo`` on Ray Data; returns the result rows (``RESULT_SCHEMA``), unordered → sorted later."""
+    ray = _ensure_ray(cfg.address)
+    if not plan_todo:
+        return rows_to_table([])
+    n = len(plan_todo)
+    # Blocks are the unit of parallelism and retry: about one batch per block, enough blocks to feed the pool.
+    num_blocks = max(1, min(n, max(math.ceil(n / cfg.batch_slides), 4 * cfg.actors)))
+    ds = ray.data.from_items(plan_todo, override_num_blocks=num_blocks)
+    device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
+    scored = ds.map_batches(
+        EnsembleScorer,
+        fn_constructor_kwargs={"run_url": cfg.model, "out_dir": cfg.out, "attention": cfg.attention,
+                               "device": device, "expected_sha256": identity["sha256"],
+                               "num_threads": max(1, int(cfg.cpus_per_actor))},
+        batch_size=cfg.batch_slides, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
+    )
+    parts = []
+    ctx = ray.data.DataContext.get_current()
+    saved_bars = ctx.enable_progress_bars
+    if cfg.progress:
+        ctx.enable_progress_bars = False        # our per-slide bar replaces Ray's per-operator bars
+    try:
+        for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            parts.append(batch)
+            if on_batch is not None:
+                on_batch(batch)
+    finally:
+        ctx.enable_progress_bars = saved_bars
+    if not parts:
+        return rows_to_table([])
+    return pa.concat_tables([p.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA) for p in parts])
+
+
+def _order_table(table: pa.Table, order: list[str]) -> pa.Table:
+    pos = {sid: i for i, sid in enumerate(order)}
+    idx = np.argsort([pos.get(s, len(pos)) for s in table.column("slide_id").to_pylist()], kind="stable")
+    return table.take(pa.array(idx, pa.int64()))
+
+
+def _write_csv(table: pa.Table, url: str) -> None:
+    sink = pa.BufferOutputStream()
+    pacsv.write_csv(table, sink)
+    storage.write_bytes_atomic(url, sink.getvalue().to_pybytes())
+
+
+def build_outputs(results: pa.Table, plan: ScoringPlan) -> tuple[pa.Table, pa.Table]:
+    """(predictions, failed) tables from the actors' rows and the driver's pre-checks."""
+    ok_mask = pc.equal(results.column("status"), "ok")
+    ok = _order_table(results.filter(ok_mask), plan.order)
+    bad = results.filter(pc.invert(ok_mask))
+    preds = ok.select(list(PREDICTION_COLUMNS))
+    if plan.carried is not None:
+        preds = preds.join(plan.carried, keys="slide_id", join_type="left outer")
+        preds = _order_table(preds, plan.order)
+    failed_rows = list(plan.failed) + [
+        {"slide_id": r["slide_id"], "stage": "scoring", "reason": r["error"]} for r in bad.to_pylist()]
+    returned = set(results.column("slide_id").to_pylist())
+    failed_rows += [{"slide_id": t["slide_id"], "stage": "scoring",
+                     "reason": "no result returned (its worker failed; see the Ray logs)"}
+                    for t in plan.todo if t["slide_id"] not in returned]
+    pos = {sid: i for i, sid in enumerate(plan.order)}
+    failed_rows.sort(key=lambda r: pos.get(r["slide_id"], len(pos)))
+    failed = pa.Table.from_pylist(failed_rows, schema=pa.schema([(c, pa.string()) for c in FAILED_COLUMNS]))
+    return preds, failed
+
+
+def score_cohort(cfg: ScoreConfig) -> ScoreSummary:
+    """Score every slide of a feature store (or the manifest's subset) and write the outputs under ``cfg.out``.
+
+    Outputs: ``predictions.parquet``/``.csv`` (one row per scored slide), ``failed.csv`` (slide_id, stage,
+    reason; header only when none failed), ``attention/<slide_id>.parquet`` with ``--attention``, ``run.json``.
+    """
+    t0 = time.perf_counter()
+    identity = ensemble_identity(cfg.model)           # fails fast on a wrong --model, before Ray starts
+    plan = plan_scoring(cfg.features, cfg.manifest)
+    storage.makedirs(cfg.out)
+    if cfg.attention:
+        storage.makedirs(storage.join(cfg.out, ATTENTION_DIR))
+    log.info("scoring %d slides (%d not scorable) with run %s (%d folds, sha %s)", len(plan.todo),
+             len(plan.failed), identity["run_id"], len(identity["folds"]), identity["sha256"][:12])
+
+    bar = _progress(len(plan.todo), cfg.progress)
+    counts = {"failed": 0}
+
+    def on_batch(batch: pa.Table) -> None:
+        counts["failed"] += int(pc.sum(pc.not_equal(batch.column("status"), "ok")).as_py() or 0)
+        if bar is not None:
+            bar.update(batch.num_rows)
+            bar.set_postfix(failed=counts["failed"])
+
+    try:
+        results = run_ray_scoring(plan.todo, cfg, identity, on_batch=on_batch)
+    finally:
+        if bar is not None:
+            bar.close()
+    preds, failed = build_outputs(results, plan)
+
+    storage.write_parquet_atomic(preds, storage.join(cfg.out, PREDICTIONS_PARQUET))
+    _write_csv(preds, storage.join(cfg.out, PREDICTIONS_CSV))
+    _write_csv(failed, storage.join(cfg.out, FAILED_CSV))
+    pred_names = preds.column("pred_score").to_pylist() if preds.num_rows else []
+    class_counts = {s: pred_names.count(s) for s in HER2_SCORES}
+    summary = ScoreSummary(out=cfg.out, n_requested=len(plan.order), n_scored=preds.num_rows,
+                           n_failed=failed.num_rows, seconds=time.perf_counter() - t0,
+                           class_counts=class_counts, n_her2_low=class_counts["1+"] + class_counts["2+"],
+                           model=identity)
+    record = run_record("score", cfg.to_dict(), model=identity, summary=summary.to_dict(),
+                        outputs={"predictions": PREDICTIONS_PARQUET, "predictions_csv": PREDICTIONS_CSV,
+                                 "failed": FAILED_CSV, "attention": ATTENTION_DIR if cfg.attention else None})
+    write_run_record(storage.join(cfg.out, RUN_FILE), record)
+    log.info("scored %d/%d slides in %.1f s (%d failed): %s", summary.n_scored, summary.n_requested,
+             summary.seconds, summary.n_failed, json.dumps(class_counts))
+    return summary
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled or total == 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="scoring slides", unit="slide")
+
+
+__all__ = ["EnsembleScorer", "FAILED_CSV", "PREDICTIONS_CSV", "PREDICTIONS_PARQUET", "PREDICTION_COLUMNS",
+           "ScoreConfig", "ScoreSummary", "ScoringPlan", "build_outputs", "plan_scoring", "run_ray_scoring",
+           "score_cohort"]

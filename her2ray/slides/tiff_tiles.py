@@ -1,0 +1,145 @@
+"""Fast path for tiled-JPEG TIFF slides (Aperio SVS, generic pyramidal TIFF): decode tiles directly.
+
+Why: measured on the 2-core dev box, OpenSlide spends about 2 ms of CPU per 256 px JPEG tile (region
+painting, premultiplied ARGB, cache bookkeeping), while decoding the same compressed tile with
+libjpeg-turbo through tifffile/imagecodecs takes about 0.2 ms and gives identical pixels (checked in the
+tests against ``openslide.read_region``). So for the formats where OpenSlide's levels are plain tiled
+TIFF pages, regions are assembled here from decoded tiles; everything else (other vendors, JPEG 2000,
+sub-pixel level offsets) falls back to OpenSlide. Decoding releases the GIL and compressed bytes are read
+with ``os.pread``, so several threads decode at once. A small LRU cache keeps decoded tiles, because
+grid tiles rarely align with the file's tiles (240 px Aperio tiles under 256 px grid tiles).
+Disable with ``HER2RAY_FAST_TIFF=0``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: OpenSlide vendors whose levels are exactly tiled TIFF pages, with no overlap or sparse semantics
+SUPPORTED_VENDORS = {"aperio", "generic-tiff"}
+JPEG = 7
+CACHE_BYTES = 64 * 1024**2
+
+
+def fast_tiff_enabled() -> bool:
+    return os.environ.get("HER2RAY_FAST_TIFF", "1").strip().lower() not in {"0", "false", "no", "off"}
+
+
+@dataclass
+class _Level:
+    page: Any
+    width: int
+    height: int
+    tile_w: int
+    tile_h: int
+    n_across: int
+    offsets: tuple
+    counts: tuple
+
+
+class TiffTileDecoder:
+    """Assemble RGB regions of some pyramid levels straight from their JPEG tiles."""
+
+    def __init__(self, local_path: str, level_dimensions, cache_bytes: int = CACHE_BYTES):
+        import tifffile
+
+        self._tif = tifffile.TiffFile(local_path)
+        self._fd = os.open(local_path, os.O_RDONLY)
+        self._levels: dict[int, _Level] = {}
+        pages = [p for p in self._tif.pages if getattr(p, "is_tiled", False)]
+        for level, (w, h) in enumerate(level_dimensions):
+            page = next((p for p in pages if (p.imagewidth, p.imagelength) == (w, h)), None)
+            if page is not None and _decodable(page):
+                self._levels[level] = _Level(page, w, h, page.tilewidth, page.tilelength,
+                                             -(-w // page.tilewidth), tuple(page.dataoffsets),
+                                             tuple(page.databytecounts))
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_limit = int(cache_bytes)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_slide(cls, local_path: str, vendor: str | None, level_dimensions) -> "TiffTileDecoder | None":
+        """A decoder when the slide qualifies, else None (callers then use OpenSlide)."""
+        if not fast_tiff_enabled() or vendor not in SUPPORTED_VENDORS:
+            return None
+        try:
+            dec = cls(local_path, level_dimensions)
+        except Exception as exc:  # noqa: BLE001 - any doubt: use OpenSlide
+            log.debug("fast TIFF path unavailable for %s: %s", local_path, exc)
+            return None
+        if not dec._levels:
+            dec.close()
+            return None
+        return dec
+
+    def supports(self, level: int) -> bool:
+        return level in self._levels
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """uint8 RGB [h, w, 3] at level coordinates (x, y); white outside the image or for empty tiles."""
+        lv = self._levels[level]
+        inside = x >= 0 and y >= 0 and x + w <= lv.width and y + h <= lv.height
+        # every pixel of a region inside the image is overwritten below: skip the white fill
+        out = np.empty((h, w, 3), dtype=np.uint8) if inside else np.full((h, w, 3), 255, dtype=np.uint8)
+        x_end, y_end = min(x + w, lv.width), min(y + h, lv.height)
+        if x_end <= max(x, 0) or y_end <= max(y, 0):
+            return out
+        for row in range(max(y, 0) // lv.tile_h, (y_end - 1) // lv.tile_h + 1):
+            for col in range(max(x, 0) // lv.tile_w, (x_end - 1) // lv.tile_w + 1):
+                tile = self._tile(level, lv, row * lv.n_across + col)
+                tx, ty = col * lv.tile_w, row * lv.tile_h
+                ax, ay = max(x, tx), max(y, ty)
+                bx, by = min(x_end, tx + lv.tile_w), min(y_end, ty + lv.tile_h)
+                if tile is None:
+                    out[ay - y:by - y, ax - x:bx - x] = 255
+                else:
+                    out[ay - y:by - y, ax - x:bx - x] = tile[ay - ty:by - ty, ax - tx:bx - tx]
+        return out
+
+    def _tile(self, level: int, lv: _Level, index: int) -> np.ndarray | None:
+        key = (level, index)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        count = lv.counts[index]
+        if count == 0:
+            return None  # sparse tile: OpenSlide shows it transparent, i.e. white after compositing
+        data = os.pread(self._fd, count, lv.offsets[index])
+        if len(data) != count:
+            raise OSError(f"tile {index} of level {level}: file truncated ({len(data)} of {count} bytes)")
+        segment, _, _ = lv.page.decode(data, index, jpegtables=lv.page.jpegtables)
+        tile = np.ascontiguousarray(segment[0, :, :, :3])
+        with self._lock:
+            self._cache[key] = tile
+            self._cache_bytes += tile.nbytes
+            while self._cache_bytes > self._cache_limit and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= old.nbytes
+        return tile
+
+    def close(self) -> None:
+        try:
+            self._tif.close()
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+            self._cache.clear()
+
+
+def _decodable(page) -> bool:
+    return (page.compression == JPEG and page.samplesperpixel == 3 and page.bitspersample == 8
+            and page.planarconfig == 1 and page.photometric in (2, 6)  # RGB or YCbCr
+            and len(page.dataoffsets) == -(-page.imagewidth // page.tilewidth) * -(-page.imagelength // page.tilelength))

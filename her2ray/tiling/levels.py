@@ -1,0 +1,50 @@
+"""Which pyramid level to read, and how many pixels of it make one tile.
+
+Rule: read the coarsest level that is still at least as fine as the target (largest downsample whose
+um/px <= target um/px, within a small relative tolerance so a 0.499 um/px scan counts as 0.5), then
+resize down to the target. Reading a coarser level and upsampling would invent detail; reading a much
+finer one wastes decode time. A slide coarser than the target everywhere is read at level 0 and
+upsampled (logged), because refusing it would drop a scanned slide for a 10% resolution gap.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LevelChoice:
+    level: int
+    level_downsample: float
+    level_mpp: float
+    #: tile edge in pixels at the read level (== tile_px when the level matches the target)
+    read_px: int
+
+    def tile_size_level0_px(self) -> float:
+        return self.read_px * self.level_downsample
+
+
+def choose_level(level_downsamples: Sequence[float], slide_mpp: float, target_mpp: float, tile_px: int,
+                 tolerance: float = 0.02) -> LevelChoice:
+    """Pick the read level and the read size for tiles of ``tile_px`` at ``target_mpp``."""
+    if slide_mpp <= 0 or target_mpp <= 0:
+        raise ValueError(f"mpp must be positive (slide {slide_mpp}, target {target_mpp})")
+    limit = target_mpp * (1.0 + tolerance)
+    level = 0
+    for k, ds in enumerate(level_downsamples):
+        if slide_mpp * ds <= limit and ds > level_downsamples[level]:
+            level = k
+    ds = float(level_downsamples[level])
+    level_mpp = slide_mpp * ds
+    if abs(level_mpp / target_mpp - 1.0) <= tolerance:
+        read_px = int(tile_px)
+    else:
+        read_px = max(1, int(round(tile_px * target_mpp / level_mpp)))
+        if level_mpp > limit:
+            log.warning("slide resolution %.3f um/px is coarser than the target %.3f um/px: tiles are upsampled",
+                        level_mpp, target_mpp)
+    return LevelChoice(level=level, level_downsample=ds, level_mpp=level_mpp, read_px=read_px)

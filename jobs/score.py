@@ -1,0 +1,11 @@
+"""`python -m jobs.score --config RUN.yaml`: run only the ``her2ray score`` stage of a run YAML.
+
+Same YAML as ``jobs.pipeline``; inputs come from the outputs of the earlier stages under ``out``.
+"""
+
+import sys
+
+from jobs._common import job_main
+
+if __name__ == "__main__":
+    sys.exit(job_main("score"))
