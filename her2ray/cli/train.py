@@ -47,7 +47,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-4)")
     p.add_argument("--weight-decay", type=float, help="Adam weight decay (default 0)")
     p.add_argument("--aug-rate", type=float, help="tile-dropout augmentation rate (default 0.5)")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--address", help="Ray address (auto, host:6379, ray://host:10001); default: $RAY_ADDRESS inside a job, else a local Ray")
     p.add_argument("--cpus-per-fold", type=float, help="CPUs per fold worker (fractions allowed; default 1)")
     p.add_argument("--gpus-per-fold", type=float, help="GPUs per fold worker (e.g. 0.2 = 5 folds per GPU)")
     p.add_argument("--max-concurrent-folds", type=int, help="folds running at once (0 = all)")

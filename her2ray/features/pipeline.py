@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from .. import storage
+from ..ray_runtime import ensure_ray
 from ..errors import ConfigError
 from ..provenance import run_record
 from . import catalog
@@ -149,16 +150,6 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def ensure_ray(address: str | None = None):
-    """Connect to ``address`` (or ``$RAY_ADDRESS`` inside a job); otherwise start a local Ray."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address or None, log_to_driver=False)
-        log.info("Ray: %s", ray.cluster_resources())
-    return ray
-
-
 def plan_actors(resources: Mapping[str, float], n_todo: int, *, num_actors: int | None = None,
                 num_gpus_per_actor: float | None = None, num_cpus_per_actor: float | None = None
                 ) -> dict[str, Any]:
@@ -218,7 +209,10 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
     results: dict[str, dict[str, Any]] = {}
     actors: dict[str, Any] = {}
     if plan.todo:
-        ray = ensure_ray(address)
+        import ray
+
+        ensure_ray(address, log_to_driver=False)
+        log.info("Ray: %s", ray.cluster_resources())
         actors = plan_actors(ray.cluster_resources(), len(plan.todo), num_actors=num_actors,
                              num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor)
         results = _run_actors(ray, plan.todo, out, cfg, actors, progress)

@@ -27,6 +27,7 @@ import pyarrow.csv as pacsv
 from pydantic import Field
 
 from .. import storage
+from ..ray_runtime import ensure_ray
 from ..config import StageConfig
 from ..errors import ConfigError, FeatureStoreError
 from ..features.schema import META_KEY as FEATURE_META_KEY
@@ -232,8 +233,7 @@ def render_cohort(jobs: list[HeatmapJob], cfg: HeatmapConfig, local: bool = Fals
         else:
             import ray
 
-            if not ray.is_initialized():
-                ray.init(address=cfg.address, log_to_driver=False)
+            ensure_ray(cfg.address, log_to_driver=False)
             task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=1)(_render_task)
             cfg_dict = cfg.to_dict()
             pending: list = []

@@ -108,8 +108,11 @@ def render_heatmap(thumbnail: np.ndarray, slide_dims: tuple[int, int], x: np.nda
     grid = score_grid(x, y, normalize_scores(scores, normalize), tile_size, slide_dims, (th, tw))
     colormap = colormaps[cmap].with_extremes(bad=(0.0, 0.0, 0.0, 0.0))   # no tile -> tissue shows through
 
-    pad, gap, cbar_w, cbar_labels = 12, 16, 18, 64
-    title_h = 58 if "\n" in title else 36
+    # text grows with the thumbnail so titles stay legible when the PNG is viewed scaled to a screen
+    text_scale = max(1.0, max(th, tw) / 600)
+    pad, gap = 12, 16
+    cbar_w, cbar_labels = int(18 * text_scale), int(64 * text_scale)
+    title_h = int((58 if "\n" in title else 36) * text_scale)
     fig_w = pad + tw + gap + tw + gap + cbar_w + cbar_labels
     fig_h = title_h + th + pad
     thumb_box = (pad, title_h, tw, th)
@@ -135,10 +138,10 @@ def render_heatmap(thumbnail: np.ndarray, slide_dims: tuple[int, int], x: np.nda
     sm = matplotlib.cm.ScalarMappable(norm=Normalize(0.0, 1.0), cmap=colormaps[cmap])
     cb = fig.colorbar(sm, cax=ax_c)
     cb.set_label({"minmax": "attention (min-max per slide)", "rank": "attention (percentile per slide)",
-                  "none": "attention"}[normalize], fontsize=8)
-    cb.ax.tick_params(labelsize=7)
+                  "none": "attention"}[normalize], fontsize=8 * text_scale)
+    cb.ax.tick_params(labelsize=7 * text_scale)
     if title:
-        fig.text(0.5, 1 - 6 / fig_h, title, ha="center", va="top", fontsize=9)
+        fig.text(0.5, 1 - 6 / fig_h, title, ha="center", va="top", fontsize=9 * text_scale)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     layout = HeatmapLayout(width=int(round(fig_w)), height=int(round(fig_h)), thumbnail_box=thumb_box,

@@ -32,6 +32,7 @@ import pyarrow.csv as pacsv
 from pydantic import Field
 
 from .. import storage
+from ..ray_runtime import ensure_ray
 from ..config import StageConfig
 from ..errors import FeatureStoreError
 from ..features.schema import CATALOG_FILE, FEATURES_DIR, USABLE_STATUSES, feature_url
@@ -188,18 +189,12 @@ def plan_scoring(store: str, manifest: str | None = None) -> ScoringPlan:
 
 # ----------------------------------------------------------------------------------------------------
 
-def _ensure_ray(address: str | None):
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=False)
-    return ray
-
-
 def run_ray_scoring(plan_todo: list[dict[str, str]], cfg: ScoreConfig, identity: dict[str, Any],
                     on_batch=None) -> pa.Table:
     """Score ``plan_todo`` on Ray Data; returns the result rows (``RESULT_SCHEMA``), unordered → sorted later."""
-    ray = _ensure_ray(cfg.address)
+    import ray
+
+    ensure_ray(cfg.address, log_to_driver=False)
     if not plan_todo:
         return rows_to_table([])
     n = len(plan_todo)

@@ -28,6 +28,7 @@ from ..features.schema import (CATALOG_FILE, FEATURES_DIR, META_KEY, RUN_FILE, F
 from ..labels import NUM_CLASSES, PROB_COLUMNS, parse_her2_score, score_name
 from ..manifest import load_manifest
 from ..provenance import run_record, write_run_record
+from ..ray_runtime import ensure_ray
 from . import checkpoints as ck
 from .config import TrainConfig
 from .loop import FoldSpec
@@ -229,21 +230,6 @@ def build_fold_specs(out: str, split_rows: list[dict[str, Any]], features: str, 
 
 
 # --------------------------------------------------------------------------------------- ray
-def ensure_ray(address: str | None) -> bool:
-    """Connect to ``address`` or start a local Ray; True if we started it (and must shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address)
-    else:
-        pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        path = os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH")) if p)
-        ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
-    return True
-
-
 def check_cluster_resources(cfg: TrainConfig) -> None:
     """Fail fast instead of waiting forever for a GPU/CPU share the cluster does not have.
 
@@ -257,7 +243,7 @@ def check_cluster_resources(cfg: TrainConfig) -> None:
     if not short:
         return
     msg = "; ".join(f"a fold needs {k}={v} but the cluster has {h}" for k, (v, h) in short.items())
-    if cfg.address:
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
         log.warning("%s (waiting for the autoscaler)", msg)
         return
     raise ConfigError(f"{msg}: lower --cpus-per-fold/--gpus-per-fold or use a cluster (--address)")
