@@ -319,3 +319,33 @@ def test_resume_rules_and_catalog_columns(tmp_path, cohort, tiny_encoder):
     assert table.column_names[:10] == list(catalog.STATUS_COLUMNS)
     assert {"manifest_mpp", "manifest_status", "center"} <= set(table.column_names)
     assert catalog.is_usable("skipped") and catalog.is_usable("ok") and not catalog.is_usable("failed")
+
+
+def test_stain_normalisation_is_applied_recorded_and_never_mixed_on_resume(tmp_path, cohort, tiny_encoder):
+    plain_cfg = EmbedConfig(encoder="open_clip", weights=tiny_encoder)
+    stain_cfg = EmbedConfig(encoder="open_clip", weights=tiny_encoder, stain_normalization="macenko")
+    enc = load_engine_encoder(plain_cfg)
+    row = {"slide_id": "syn2", "path": cohort["syn2"]}
+    plain_store, stain_store = str(tmp_path / "plain"), str(tmp_path / "stain")
+    assert embed_slide(row, enc, plain_cfg, plain_store)["status"] == "ok"
+    assert embed_slide(row, enc, stain_cfg, stain_store)["status"] == "ok"
+    plain = read_slide_features(feature_url(plain_store, "syn2"))
+    stained = read_slide_features(feature_url(stain_store, "syn2"))
+    normalizer = stain_cfg.stain_normalizer()
+
+    assert plain.meta.stain_normalization is None
+    assert stained.meta.stain_normalization == normalizer.name and normalizer.name.startswith("macenko:")
+    np.testing.assert_array_equal(plain.coords, stained.coords)           # same tiles ...
+    assert np.abs(plain.features - stained.features).max() > 1e-2         # ... other pixels fed to the encoder
+    with open_slide(cohort["syn2"]) as reader:                            # = encoder(normalise(tile))
+        grid = plan_tiles(reader, stain_cfg.tiling)
+        tiles = read_tiles(reader, grid, np.arange(4))
+    np.testing.assert_allclose(stained.features[:4], enc.embed_tiles(normalizer(tiles)), atol=2e-2, rtol=1e-2)
+
+    settings = enc.settings_identity()
+    stain_key = resume_key(settings, stain_cfg.tiling, normalizer.name)
+    assert catalog.plan_resume([row], stain_store, stain_key).todo == []
+    assert catalog.plan_resume([row], plain_store, stain_key).stale == ["syn2"]      # never mixed silently
+    assert catalog.plan_resume([row], stain_store, resume_key(settings, plain_cfg.tiling)).stale == ["syn2"]
+    with pytest.raises(Exception, match="unknown stain normalisation"):
+        EmbedConfig(stain_normalization="vahadane")

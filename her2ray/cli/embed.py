@@ -36,6 +36,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, default=None, help="target microns per pixel of the tiles (default 0.5)")
     p.add_argument("--tile-px", type=int, default=None, help="tile edge in pixels at --mpp (default 256)")
     p.add_argument("--min-tissue", type=float, default=None, help="minimum tissue fraction of a tile (default 0.25)")
+    p.add_argument("--stain-normalization", default=None, choices=["none", "macenko", "reinhard"],
+                   help="normalise tile stains before encoding (default none); recorded in every feature file")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per encoder batch (default 1024 GPU / 64 CPU)")
     p.add_argument("--read-workers", type=int, default=None, help="tile-reading threads per actor")
     p.add_argument("--address", default=None, help="Ray address (auto, host:6379, ray://host:10001); "
@@ -67,7 +69,8 @@ def build_config(args) -> tuple[Any, dict[str, Any]]:
         if getattr(args, flag) is not None:
             tiling[key] = getattr(args, flag)
     flags = {"encoder": args.encoder, "weights": args.weights, "precision": args.precision,
-             "device": args.device, "batch_size": args.batch_size, "read_workers": args.read_workers}
+             "device": args.device, "batch_size": args.batch_size, "read_workers": args.read_workers,
+             "stain_normalization": args.stain_normalization}
     data.update({k: v for k, v in flags.items() if v is not None})
     data["tiling"] = tiling
     cfg = EmbedConfig.from_mapping(data, source=source)

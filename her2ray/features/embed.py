@@ -17,7 +17,7 @@ import traceback
 from typing import Any, Mapping
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .. import storage
 from ..config import StageConfig
@@ -45,9 +45,28 @@ class EmbedConfig(StageConfig):
     read_workers: int | None = Field(None, ge=1, description="tile-reading threads; None = CPUs (max 8)")
     slide_backend: str = "openslide"
     tiling: TilingConfig = Field(default_factory=TilingConfig)
+    stain_normalization: str | None = Field(
+        None, description="None | 'macenko' | 'reinhard': normalise tiles before encoding (recorded per file)")
     #: fsspec options for the store and remote slides (endpoint, region...). Excluded from run.json and
     #: reprs; prefer credentials from the environment / instance role over putting them here.
     storage_options: dict[str, Any] | None = Field(None, exclude=True, repr=False)
+
+    @field_validator("stain_normalization")
+    @classmethod
+    def _known_stain_method(cls, value: str | None) -> str | None:
+        from ..stain import METHODS
+
+        if value is None or str(value).strip().lower() in ("", "none", "off"):
+            return None
+        if str(value).lower() not in METHODS:
+            raise ValueError(f"unknown stain normalisation {value!r}; choose one of {list(METHODS)} or none")
+        return str(value).lower()
+
+    def stain_normalizer(self):
+        """The configured normaliser (or None); its ``name`` goes into every feature file."""
+        from ..stain import parse_stain_normalization
+
+        return parse_stain_normalization(self.stain_normalization)
 
     def encoder_kwargs(self) -> dict[str, Any]:
         return {"name": self.encoder, "weights": self.weights, "device": self.device,
@@ -61,14 +80,15 @@ def load_engine_encoder(cfg: EmbedConfig):
     return load_encoder(**cfg.encoder_kwargs())
 
 
-def resume_key(encoder_settings: Mapping[str, Any], tiling: TilingConfig | Mapping[str, Any]) -> dict[str, Any]:
+def resume_key(encoder_settings: Mapping[str, Any], tiling: TilingConfig | Mapping[str, Any],
+               stain_normalization: str | None = None) -> dict[str, Any]:
     """Everything that must match for an existing feature file to be reused: the file contract's
     ``settings_key`` (encoder identity, tile px, target MPP, stain normalisation, schema version) plus the
     full tiling config (tissue threshold and mask parameters change which tiles exist)."""
     tiling_dict = tiling.to_dict() if isinstance(tiling, TilingConfig) else dict(tiling)
     meta = FeatureFileMeta(slide_id="", encoder=dict(encoder_settings), tile_px=int(tiling_dict["tile_px"]),
                            target_mpp=float(tiling_dict["target_mpp"]), slide_mpp=0.0, level=0,
-                           tile_size_level0_px=0.0)
+                           tile_size_level0_px=0.0, stain_normalization=stain_normalization)
     return {**meta.settings_key(), "tiling": tiling_dict}
 
 
@@ -113,6 +133,7 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
     sid = str(row["slide_id"])
     mpp = level = None
     try:
+        normalizer = cfg.stain_normalizer()
         if cache is None and cfg.storage_options:
             cache = SlideCache(storage_options=cfg.storage_options)
         with open_slide(row["path"], mpp_override=_mpp_override(row), backend=cfg.slide_backend,
@@ -131,12 +152,15 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
                 if item is None:
                     break
                 idx, tiles = item
+                if normalizer is not None:
+                    tiles = normalizer(tiles)
                 feats[idx] = encoder.embed_tiles(tiles)
                 encode += time.perf_counter() - te
         meta = FeatureFileMeta(
             slide_id=sid, encoder=encoder.settings_identity(), tile_px=int(grid.tile_px),
             target_mpp=float(grid.target_mpp), slide_mpp=float(grid.slide_mpp), level=int(grid.level),
             tile_size_level0_px=float(grid.tile_size_level0_px),
+            stain_normalization=None if normalizer is None else normalizer.name,
             extra={"tiling": cfg.tiling.to_dict(), "grid": grid.metadata(), "slide_path": str(row["path"]),
                    "mpp_source": "override" if _mpp_override(row) is not None else "slide",
                    "precision": encoder.precision, "device": str(encoder.device),

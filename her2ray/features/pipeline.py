@@ -194,7 +194,8 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
     identity = {k: v for k, v in identity.items() if k not in ("device", "precision")}   # the driver's, not actors'
     settings = {k: identity[k] for k in ("name", "architecture", "weights_sha256", "dim", "random_weights",
                                          "preprocess") if k in identity}
-    key = resume_key(settings, cfg.tiling)
+    normalizer = cfg.stain_normalizer()
+    key = resume_key(settings, cfg.tiling, None if normalizer is None else normalizer.name)
     plan = catalog.plan_resume(rows, out, key, overwrite=overwrite, storage_options=so)
     if plan.stale:
         log.info("%d slide(s) have feature files made with other settings: recomputing them (e.g. %s)",
