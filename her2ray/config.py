@@ -42,6 +42,20 @@ class StageConfig(BaseModel):
         return self.model_dump(mode="json")
 
 
+def yaml_section(path: str | Path, section: str) -> dict[str, Any]:
+    """A stage's settings from a YAML file: its ``section`` when the file has one, else the whole file.
+
+    So one file can hold every stage (``embed:``, ``train:``, ``score:`` ...) or just one stage's keys.
+    """
+    raw = load_yaml(path)
+    if section in raw:
+        value = raw[section] or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping, got {type(value).__name__}")
+        return dict(value)
+    return raw
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping from a local path or any fsspec URL."""
     from . import storage

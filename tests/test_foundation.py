@@ -91,3 +91,19 @@ def test_manifest_validation_names_file_row_and_column(tmp_path):
             load_manifest(str(bad))
         msg = str(info.value)
         assert str(bad) in msg and where in msg and column in msg and what in msg, msg
+
+
+def test_yaml_section_takes_the_stage_section_or_the_whole_file(tmp_path):
+    from her2ray.config import yaml_section
+
+    both = tmp_path / "run.yaml"
+    both.write_text("embed:\n  batch_size: 8\nscore:\ntrain:\n  folds: 3\n")
+    assert yaml_section(both, "embed") == {"batch_size": 8}
+    assert yaml_section(both, "score") == {}
+    one = tmp_path / "train.yaml"
+    one.write_text("folds: 4\nseed: 1\n")
+    assert yaml_section(one, "train") == {"folds": 4, "seed": 1}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2]\n")
+    with pytest.raises(ConfigError, match="section 'train' must be a mapping"):
+        yaml_section(bad, "train")

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..config import load_yaml
+from ..config import yaml_section
 from ..errors import ConfigError
 
 #: YAML keys of the ``embed`` section that place work on the cluster (everything else is an EmbedConfig key)
@@ -61,8 +61,7 @@ def build_config(args) -> tuple[Any, dict[str, Any]]:
     source = args.config or "her2ray embed flags"
     data: dict[str, Any] = {}
     if args.config:
-        raw = load_yaml(args.config)
-        data = dict(raw.get("embed") or {}) if "embed" in raw else dict(raw)
+        data = yaml_section(args.config, "embed")
     ray_opts = {k: data.pop(k) for k in RAY_KEYS if k in data}
     tiling = dict(data.pop("tiling", None) or {})
     for flag, key in (("mpp", "target_mpp"), ("tile_px", "tile_px"), ("min_tissue", "min_tissue")):

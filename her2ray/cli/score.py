@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import load_yaml
+from ..config import yaml_section
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs per actor (default 1)")
     p.add_argument("--gpus-per-actor", type=float, default=None, nargs="?", const=1.0,
                    help="GPUs per actor; fractions share a GPU (flag alone = 1)")
-    p.add_argument("--config", help="YAML file; its `score` section gives defaults, flags win")
+    p.add_argument("--config", help="YAML file; its `score` section (or the whole file) gives defaults, flags win")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.set_defaults(func=run)
     return p
@@ -35,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _config(args):
     from ..scoring.pipeline import ScoreConfig
 
-    data = dict((load_yaml(args.config).get("score") or {}) if args.config else {})
+    data = yaml_section(args.config, "score") if args.config else {}
     flags = {"features": args.features, "model": args.model, "out": args.out, "manifest": args.manifest,
              "address": args.address, "batch_slides": args.batch_slides, "actors": args.actors,
              "cpus_per_actor": args.cpus_per_actor, "gpus_per_actor": args.gpus_per_actor}

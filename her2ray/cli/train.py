@@ -61,14 +61,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace):
     """YAML (if any) overlaid with the flags that were given, validated as ``TrainConfig``."""
-    from ..config import load_yaml
+    from ..config import yaml_section
     from ..training.config import TrainConfig
 
     data: dict[str, Any] = {}
     source = "flags"
     if args.config:
-        raw = load_yaml(args.config)
-        data = dict(raw["train"]) if isinstance(raw.get("train"), dict) else dict(raw)
+        data = yaml_section(args.config, "train")
         source = f"{args.config} + flags"
     for key in _FLAG_KEYS:
         value = getattr(args, key, None)
