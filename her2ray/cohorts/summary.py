@@ -19,6 +19,7 @@ import pyarrow as pa
 from .. import storage
 from ..errors import Her2RayError
 from ..features.schema import CATALOG_FILE
+from ..features.schema import read_catalog as read_catalog_table
 from ..labels import HER2_SCORES, parse_her2_score
 from ..slides import open_slide
 
@@ -62,11 +63,10 @@ def read_slide_metadata(url: str) -> dict[str, Any]:
 
 def read_catalog(features: str) -> dict[str, dict[str, Any]]:
     """slides.parquet of a feature store keyed by slide_id (n_tiles, mpp, status)."""
-    url = storage.join(features, CATALOG_FILE)
-    if not storage.exists(url):
+    table = read_catalog_table(features)
+    if table is None:
         log.warning("no %s in %s: tiles per slide not summarised", CATALOG_FILE, features)
         return {}
-    table = storage.read_parquet(url)
     cols = [c for c in ("slide_id", "n_tiles", "mpp", "status") if c in table.column_names]
     return {r["slide_id"]: r for r in table.select(cols).to_pylist()}
 

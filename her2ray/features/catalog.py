@@ -25,9 +25,9 @@ import pyarrow as pa
 
 from .. import storage
 from ..errors import FeatureStoreError
-from .embed import STATUS_OK, STATUS_SKIPPED, meta_resume_key
+from .embed import STATUS_SKIPPED, meta_resume_key
 from .schema import (CATALOG_FILE, FEATURES_DIR, META_KEY, USABLE_STATUSES, FeatureFileMeta,  # noqa: F401
-                     feature_url, is_usable)
+                     feature_ids, feature_url, is_usable, read_catalog)
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +53,6 @@ class ResumePlan:
     todo: list[dict[str, Any]]
     skipped: list[dict[str, Any]] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)        # had a file made with other settings: redone
-
-
-def feature_ids(store: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
-    """Slide ids with a committed feature file (one listing; temp files never end in .parquet)."""
-    urls = storage.list_files(storage.join(store, FEATURES_DIR), suffix=".parquet",
-                              storage_options=storage_options)
-    names = (u.rstrip("/").rsplit("/", 1)[-1] for u in urls)
-    return {n[: -len(".parquet")] for n in names if not n.startswith((".", "_"))}
 
 
 def read_file_meta(url: str, storage_options: Mapping[str, Any] | None = None
@@ -160,13 +152,6 @@ def write_catalog(store: str, table: pa.Table, storage_options: Mapping[str, Any
     url = storage.join(store, CATALOG_FILE)
     storage.write_parquet_atomic(table, url, storage_options)
     return url
-
-
-def read_catalog(store: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table | None:
-    url = storage.join(store, CATALOG_FILE)
-    if not storage.exists(url, storage_options):
-        return None
-    return storage.read_parquet(url, storage_options=storage_options)
 
 
 def remove_stray_temp_files(store: str) -> int:

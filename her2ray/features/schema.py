@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -142,3 +142,19 @@ def read_slide_features(url: str) -> SlideFeatures:
     except FileNotFoundError:
         raise FeatureStoreError(f"{url}: feature file not found") from None
     return table_to_slide_features(table, source=url)
+
+
+def feature_ids(store: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
+    """Slide ids with a committed feature file (one listing; temp files never end in .parquet)."""
+    urls = storage.list_files(storage.join(store, FEATURES_DIR), suffix=".parquet",
+                              storage_options=storage_options)
+    names = (u.rstrip("/").rsplit("/", 1)[-1] for u in urls)
+    return {n[: -len(".parquet")] for n in names if not n.startswith((".", "_"))}
+
+
+def read_catalog(store: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table | None:
+    """The store's slides.parquet (one row per manifest slide), or None when the store has none."""
+    url = storage.join(store, CATALOG_FILE)
+    if not storage.exists(url, storage_options):
+        return None
+    return storage.read_parquet(url, storage_options=storage_options)

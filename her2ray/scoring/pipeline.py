@@ -35,7 +35,8 @@ from .. import storage
 from ..ray_runtime import ensure_ray
 from ..config import StageConfig
 from ..errors import FeatureStoreError
-from ..features.schema import CATALOG_FILE, FEATURES_DIR, USABLE_STATUSES, feature_url
+from ..features.schema import (CATALOG_FILE, FEATURES_DIR, USABLE_STATUSES, feature_ids, feature_url,
+                               read_catalog)
 from ..labels import HER2_SCORES, PROB_COLUMNS
 from ..provenance import run_record, write_run_record
 from .checkpoints import ensemble_identity
@@ -130,10 +131,9 @@ def _read_catalog(store: str) -> tuple[set[str], dict[str, str]]:
 
     Only the failed rows are kept as text: a 100k-slide catalog costs the driver a set of ids.
     """
-    url = storage.join(store, CATALOG_FILE)
-    if not storage.exists(url):
+    table = read_catalog(store)
+    if table is None:
         return set(), {}
-    table = storage.read_parquet(url)
     ids = [str(v) for v in table.column("slide_id").to_pylist()]
     if "status" not in table.column_names:
         return set(ids), {}
@@ -148,16 +148,10 @@ def _read_catalog(store: str) -> tuple[set[str], dict[str, str]]:
     return ok, bad
 
 
-def _available_ids(store: str) -> set[str]:
-    """Slide ids with a feature file: one listing of the features folder (not one HEAD per slide)."""
-    files = storage.list_files(storage.join(store, FEATURES_DIR), suffix=".parquet")
-    return {f.rstrip("/").rsplit("/", 1)[-1][: -len(".parquet")] for f in files}
-
-
 def plan_scoring(store: str, manifest: str | None = None) -> ScoringPlan:
     """Decide which slides to score and list the others with a reason, before any worker starts."""
     catalog_ok, catalog_bad = _read_catalog(store)
-    available = _available_ids(store)
+    available = feature_ids(store)
     carried = None
     if manifest:
         from ..manifest import load_manifest, read_table

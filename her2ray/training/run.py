@@ -23,8 +23,8 @@ import pyarrow as pa
 
 from .. import storage
 from ..errors import ConfigError, FeatureStoreError, Her2RayError, ManifestError
-from ..features.schema import (CATALOG_FILE, FEATURES_DIR, META_KEY, RUN_FILE, FeatureFileMeta, feature_url,
-                               is_usable)
+from ..features.schema import (META_KEY, RUN_FILE, FeatureFileMeta, feature_ids,
+                               feature_url, is_usable, read_catalog)
 from ..labels import NUM_CLASSES, PROB_COLUMNS, parse_her2_score, score_name
 from ..manifest import load_manifest
 from ..provenance import run_record, write_run_record
@@ -68,12 +68,10 @@ def check_availability(store: str, rows: list[dict[str, Any]], set_name: str
     ``skipped`` (reused by a resumed embed run) is as usable as ``ok``.
     """
     status: dict[str, tuple[str, str | None]] = {}
-    catalog_url = storage.join(store, CATALOG_FILE)
-    if storage.exists(catalog_url):
-        cat = storage.read_parquet(catalog_url).to_pylist()
-        status = {str(r["slide_id"]): (str(r.get("status")), r.get("error")) for r in cat}
-    have = {os.path.basename(u)[: -len(".parquet")] for u in storage.list_files(storage.join(store, FEATURES_DIR),
-                                                                                ".parquet")}
+    catalog = read_catalog(store)
+    if catalog is not None:
+        status = {str(r["slide_id"]): (str(r.get("status")), r.get("error")) for r in catalog.to_pylist()}
+    have = feature_ids(store)
     kept, excluded = [], []
     for r in rows:
         st, err = status.get(r["slide_id"], ("ok", None))
