@@ -15,7 +15,8 @@ from ..config import yaml_section
 from ..errors import ConfigError
 
 #: YAML keys of the ``embed`` section that place work on the cluster (everything else is an EmbedConfig key)
-RAY_KEYS = ("address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "overwrite", "progress")
+RAY_KEYS = ("address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "overwrite", "progress", "engine",
+            "tile_transport", "num_readers", "max_inflight_mb")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -47,6 +48,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-gpus-per-actor", type=float, default=None,
                    help="GPUs per actor; fractions share a GPU (default 1 when the cluster has GPUs, else 0)")
     p.add_argument("--num-cpus-per-actor", type=float, default=None, help="CPUs per CPU-only actor (default 4)")
+    p.add_argument("--engine", default=None, choices=["pipelined", "slide"],
+                   help="pipelined (default): CPU reader tasks several slides ahead feed encoder actors that take "
+                        "tiles of any slide; slide: the reference engine, one slide per actor call")
+    p.add_argument("--tile-transport", default=None, choices=["auto", "jpeg", "rgb"],
+                   help="pipelined engine: how tiles travel to the encoder. auto/jpeg: compressed JPEG file tiles "
+                        "when the slide's tiles line up with the grid (decoded, assembled and downscaled on the "
+                        "encoder's device: nvJPEG on a GPU), else decoded pixels; rgb: always decoded pixels. "
+                        "Downscaling (e.g. 40x slides read at level 0) always happens on the encoder's device")
+    p.add_argument("--num-readers", type=int, default=None,
+                   help="pipelined engine: concurrent reader tasks (default: cluster CPUs not used by encoders)")
+    p.add_argument("--max-inflight-mb", type=float, default=None,
+                   help="pipelined engine: cap on the object store memory tiles in flight may use "
+                        "(default: Ray Data's own backpressure budget)")
     p.add_argument("--overwrite", action="store_true", help="recompute slides that already have feature files")
     p.add_argument("--config", default=None, help="YAML file; its `embed` section gives defaults, flags win")
     p.add_argument("--no-progress", action="store_true", help="no per-slide progress lines")
@@ -73,14 +87,15 @@ def build_config(args) -> tuple[Any, dict[str, Any]]:
     data.update({k: v for k, v in flags.items() if v is not None})
     data["tiling"] = tiling
     cfg = EmbedConfig.from_mapping(data, source=source)
-    for key in ("address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor"):
+    for key in ("address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "engine", "tile_transport",
+                "num_readers", "max_inflight_mb"):
         if getattr(args, key) is not None:
             ray_opts[key] = getattr(args, key)
     if args.overwrite:
         ray_opts["overwrite"] = True
     if args.no_progress:
         ray_opts["progress"] = False
-    for key in ("num_actors",):
+    for key in ("num_actors", "num_readers"):
         if ray_opts.get(key) is not None and int(ray_opts[key]) < 1:
             raise ConfigError(f"{source}: {key} must be >= 1, got {ray_opts[key]}")
     return cfg, ray_opts

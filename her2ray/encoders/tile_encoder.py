@@ -104,7 +104,12 @@ class TileEncoder(nn.Module):
             t = t.pin_memory().to(self.device, non_blocking=True)
         else:
             t = t.to(self.device)
-        x = t.permute(0, 3, 1, 2).float().div_(255.0)
+        return self.prepare(t.permute(0, 3, 1, 2).float())
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """float ``[N, 3, H, W]`` in 0..255 on the device -> normalised ``[N, 3, S, S]`` (``preprocess``'s
+        second half, also used by the pipelined engine on tiles decoded/downscaled on the device)."""
+        x = x.div(255.0)
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic",
                               align_corners=False, antialias=True).clamp_(0.0, 1.0)

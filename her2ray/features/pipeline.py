@@ -1,15 +1,21 @@
 """Cohort embedding on Ray Data: manifest rows in, one feature file per slide + a catalog out.
 
-Shape (design/ray-notes.md §1.3, "pattern A"; rows = slides, pixels never enter the object store)::
+Two engines (``engine=``), same outputs, same resume rules, same catalog:
 
-    todo = manifest rows minus slides already done with the same settings      (driver, catalog.plan_resume)
+* ``pipelined`` (default; features/stages.py): planning and tile reading run as Ray Data CPU tasks several
+  slides ahead, an encoder actor per GPU (or CPU actors) takes fixed-shape batches of tiles from any slide,
+  and the driver commits each slide's file when its last tile is encoded (features/assemble.py);
+* ``slide`` (the reference engine, kept for formats/debugging and as the benchmark baseline)::
+
     ray.data.from_items(todo, override_num_blocks=len(todo))                   (one block per slide)
       .map_batches(SlideEmbedActor, batch_size=1, compute=ActorPoolStrategy(size=n),
                    num_gpus=g  | num_cpus=c)                                  (encoder loaded once per actor)
       .iter_rows()  -> small status rows stream back; the driver logs progress
 
-Why this layer is thin: each actor calls the Ray-free engine ``embed_slide`` (features/embed.py), which
-writes its slide's file itself. Nothing here changes what a feature is; it only decides where slides run.
+  each actor calls the Ray-free engine ``embed_slide`` (features/embed.py), which writes its slide's file.
+
+``todo`` = manifest rows minus slides already done with the same settings (driver, catalog.plan_resume).
+Nothing here changes what a feature is beyond the documented read-path differences (README, "embed").
 """
 
 from __future__ import annotations
@@ -31,9 +37,15 @@ from ..provenance import run_record
 from . import catalog
 from .embed import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, EmbedConfig, embed_slide, load_engine_encoder,
                     resume_key, status_row)
+from .assemble import NO_RESULT
+from .reading import TRANSPORTS
 from .schema import FEATURES_DIR, RUN_FILE
+from .stages import run_pipelined
 
 log = logging.getLogger(__name__)
+
+#: ``pipelined``: CPU planning/reading tasks -> encoder actors -> driver-side commits; ``slide``: one slide per call
+ENGINES = ("pipelined", "slide")
 
 
 class SlideEmbedActor:
@@ -66,6 +78,12 @@ def _batch_rows(batch: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
     return rows
 
 
+def _batch_items(todo: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Manifest rows as Ray Data items (slide_id, path, mpp override or None)."""
+    return [{"slide_id": r["slide_id"], "path": str(r["path"]),
+             "mpp": None if r.get("mpp") in (None, "") else float(r["mpp"])} for r in todo]
+
+
 def status_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_pylist([dict(r) for r in rows], schema=catalog.CATALOG_SCHEMA)
 
@@ -84,6 +102,7 @@ class EmbedSummary:
     failed: list[dict[str, str]] = field(default_factory=list)
     encoder: dict[str, Any] = field(default_factory=dict)
     actors: dict[str, Any] = field(default_factory=dict)
+    stages: dict[str, Any] = field(default_factory=dict)
     catalog_url: str = ""
     run_url: str = ""
 
@@ -98,7 +117,8 @@ class EmbedSummary:
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "n_slides": self.n_slides, "counts": self.counts,
                 "n_tiles_embedded": self.n_tiles_embedded, "seconds": round(self.seconds, 3),
-                "tiles_per_s": round(self.tiles_per_s, 2), "failed": self.failed, "actors": self.actors}
+                "tiles_per_s": round(self.tiles_per_s, 2), "failed": self.failed, "actors": self.actors,
+                "stages": self.stages}
 
     def table(self) -> str:
         """Human summary printed at the end of a run."""
@@ -151,10 +171,11 @@ def _fmt_seconds(s: float) -> str:
 
 
 def plan_actors(resources: Mapping[str, float], n_todo: int, *, num_actors: int | None = None,
-                num_gpus_per_actor: float | None = None, num_cpus_per_actor: float | None = None
-                ) -> dict[str, Any]:
+                num_gpus_per_actor: float | None = None, num_cpus_per_actor: float | None = None,
+                reserve_cpus: float = 0.0) -> dict[str, Any]:
     """Actor count and per-actor resources: one actor per GPU (or per fraction) when the cluster has GPUs,
-    else CPU actors of ``num_cpus_per_actor`` (default min(4, cluster CPUs)) each."""
+    else CPU actors of ``num_cpus_per_actor`` (default min(4, cluster CPUs)) each, on the CPUs left after
+    ``reserve_cpus`` (the pipelined engine keeps max(1, CPUs / 4) for its reader tasks)."""
     gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 1.0))
     if num_gpus_per_actor is None:
         num_gpus_per_actor = 1.0 if gpus >= 1 else 0.0
@@ -166,8 +187,9 @@ def plan_actors(resources: Mapping[str, float], n_todo: int, *, num_actors: int 
         n = num_actors or max(1, int(math.floor(gpus / num_gpus_per_actor + 1e-9)))
         plan = {"num_gpus": float(num_gpus_per_actor), "device": None, "torch_threads": None}
     else:
-        c = float(num_cpus_per_actor or max(1.0, min(4.0, cpus)))
-        n = num_actors or max(1, int(cpus // c))
+        free = max(1.0, cpus - float(reserve_cpus))
+        c = min(float(num_cpus_per_actor or max(1.0, min(4.0, cpus))), free)
+        n = num_actors or max(1, int(free // c))
         plan = {"num_cpus": c, "device": "cpu", "torch_threads": max(1, int(c))}
     plan["num_actors"] = max(1, min(int(n), max(1, n_todo)))
     return plan
@@ -176,13 +198,18 @@ def plan_actors(resources: Mapping[str, float], n_todo: int, *, num_actors: int 
 def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, *, address: str | None = None,
                  num_actors: int | None = None, num_gpus_per_actor: float | None = None,
                  num_cpus_per_actor: float | None = None, overwrite: bool = False, progress: bool = True,
-                 manifest: str | None = None) -> EmbedSummary:
+                 manifest: str | None = None, engine: str = "pipelined", tile_transport: str = "auto",
+                 num_readers: int | None = None, max_inflight_mb: float | None = None) -> EmbedSummary:
     """Embed every manifest row not already done into the store ``out`` (local folder or s3:// prefix).
 
     Writes ``features/<slide_id>.parquet`` (by the actors), then ``slides.parquet`` and ``run.json``.
     Returns an ``EmbedSummary``; per-slide failures are in it (and in the catalog), never raised.
     """
     t0 = time.perf_counter()
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine must be one of {ENGINES}, got {engine!r}")
+    if tile_transport not in TRANSPORTS:
+        raise ConfigError(f"--tile-transport must be one of {TRANSPORTS}, got {tile_transport!r}")
     so = cfg.storage_options
     rows = [dict(r) for r in rows]
     storage.makedirs(storage.join(out, FEATURES_DIR))
@@ -209,20 +236,29 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
 
     results: dict[str, dict[str, Any]] = {}
     actors: dict[str, Any] = {}
+    stages: dict[str, Any] = {"engine": engine}
     if plan.todo:
         import ray
 
         ensure_ray(address, log_to_driver=False)
         log.info("Ray: %s", ray.cluster_resources())
-        actors = plan_actors(ray.cluster_resources(), len(plan.todo), num_actors=num_actors,
-                             num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor)
-        results = _run_actors(ray, plan.todo, out, cfg, actors, progress)
+        resources = ray.cluster_resources()
+        reserve = max(1.0, float(resources.get("CPU", 1.0)) // 4) if engine == "pipelined" else 0.0
+        actors = plan_actors(resources, len(plan.todo), num_actors=num_actors,
+                             num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor,
+                             reserve_cpus=reserve)
+        if engine == "pipelined":
+            results, stages = run_pipelined(ray, plan.todo, out, cfg, actors, settings,
+                                            progress=_Progress(len(plan.todo), enabled=progress),
+                                            transport=tile_transport, num_readers=num_readers,
+                                            max_inflight_mb=max_inflight_mb)
+        else:
+            results = _run_actors(ray, plan.todo, out, cfg, actors, progress)
+            stages = {"engine": "slide"}
 
     statuses = list(plan.skipped)
     for r in plan.todo:
-        statuses.append(results.get(r["slide_id"]) or status_row(
-            r, STATUS_FAILED, error="no result from the worker (process crashed or the block errored; "
-                                    "see the Ray worker logs)"))
+        statuses.append(results.get(r["slide_id"]) or status_row(r, STATUS_FAILED, error=NO_RESULT))
     table = catalog.build_catalog(rows, statuses)
     catalog_url = catalog.write_catalog(out, table, so)
     counts = {s: 0 for s in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)}
@@ -234,7 +270,7 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
         seconds=time.perf_counter() - t0,
         failed=[{"slide_id": s["slide_id"], "error": str(s["error"])} for s in statuses
                 if s["status"] == STATUS_FAILED],
-        encoder=identity, actors={k: v for k, v in actors.items() if v is not None},
+        encoder=identity, actors={k: v for k, v in actors.items() if v is not None}, stages=stages,
         catalog_url=catalog_url, run_url=run_url)
     _write_run(run_url, {**record, "status": "finished", "summary": summary.to_dict()}, so)
     return summary
@@ -249,8 +285,7 @@ def _write_run(url: str, record: dict[str, Any], storage_options: Mapping[str, A
 def _run_actors(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, actors: dict[str, Any],
                 progress: bool) -> dict[str, dict[str, Any]]:
     """Map the engine over ``todo`` on an actor pool; returns status rows by slide id as they stream in."""
-    items = [{"slide_id": r["slide_id"], "path": str(r["path"]),
-              "mpp": None if r.get("mpp") in (None, "") else float(r["mpp"])} for r in todo]
+    items = _batch_items(todo)
     actor_cfg = cfg.to_dict()
     if actors.get("device"):
         actor_cfg["device"] = cfg.device or actors["device"]

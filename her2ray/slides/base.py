@@ -145,6 +145,11 @@ class SlideReader(abc.ABC):
         """RGB on white; a backend with a faster native RGB path overrides this."""
         return composite_on_white(self._read_rgba(x0, y0, level, w, h))
 
+    def jpeg_tiles(self, level: int):
+        """A source of the level's compressed JPEG tiles (``tiff_tiles.TiffTileDecoder``), or None when the
+        backend/format has none (then tiles are only available as decoded pixels)."""
+        return None
+
     def thumbnail(self, max_px: int = 1024) -> np.ndarray:
         """uint8 RGB thumbnail of the whole slide whose longer side is ``max_px`` (aspect kept)."""
         self._check_open()

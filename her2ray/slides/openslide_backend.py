@@ -74,6 +74,11 @@ class OpenSlideReader(SlideReader):
                     log.debug("%s: fast TIFF read failed (%s); using OpenSlide", self.path, exc)
         return super()._read_rgb(x0, y0, level, w, h)
 
+    def jpeg_tiles(self, level: int) -> TiffTileDecoder | None:
+        """The level's compressed-tile source when its tiles are plain JPEG TIFF tiles, else None."""
+        fast = self._fast
+        return fast if fast is not None and fast.supports(level) else None
+
     def _read_rgba(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
         import openslide
 

@@ -9,6 +9,11 @@ sub-pixel level offsets) falls back to OpenSlide. Decoding releases the GIL and 
 with ``os.pread``, so several threads decode at once. A small LRU cache keeps decoded tiles, because
 grid tiles rarely align with the file's tiles (240 px Aperio tiles under 256 px grid tiles).
 Disable with ``HER2RAY_FAST_TIFF=0``.
+
+The pipelined embed engine can also take the *compressed* tiles (``jpeg_stream``: one complete JPEG stream
+per file tile, the TIFF's shared JPEGTables merged in, and an Adobe marker that says "RGB, no colour
+transform" added for RGB-coded Aperio tiles, which decoders would otherwise treat as YCbCr) and decode them
+on the encoder's device (nvJPEG on a GPU), so the CPU never decodes or resizes those tiles.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ log = logging.getLogger(__name__)
 SUPPORTED_VENDORS = {"aperio", "generic-tiff"}
 JPEG = 7
 CACHE_BYTES = 64 * 1024**2
+#: APP14 "Adobe" segment, transform 0: the three components are RGB, not YCbCr (what Aperio's RGB JPEGs mean)
+ADOBE_RGB_APP14 = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+SOI = b"\xff\xd8"
 
 
 def fast_tiff_enabled() -> bool:
@@ -84,6 +92,33 @@ class TiffTileDecoder:
 
     def supports(self, level: int) -> bool:
         return level in self._levels
+
+    def tile_grid(self, level: int) -> tuple[int, int, int, int]:
+        """(tile_w, tile_h, level width, level height) of a supported level."""
+        lv = self._levels[level]
+        return lv.tile_w, lv.tile_h, lv.width, lv.height
+
+    def tile_byte_counts(self, level: int) -> np.ndarray:
+        """Compressed size of every file tile of the level (0 = sparse tile), row-major."""
+        return np.asarray(self._levels[level].counts, dtype=np.int64)
+
+    def rgb_coded(self, level: int) -> bool:
+        """True when the level's JPEGs hold RGB (photometric RGB), not YCbCr."""
+        return int(self._levels[level].page.photometric) == 2
+
+    def jpeg_stream(self, level: int, col: int, row: int) -> bytes:
+        """One file tile as a complete, standalone JPEG stream (see the module docstring)."""
+        lv = self._levels[level]
+        index = row * lv.n_across + col
+        count = lv.counts[index]
+        data = os.pread(self._fd, count, lv.offsets[index]) if count else b""
+        if len(data) != count or count < 4 or data[:2] != SOI:
+            raise OSError(f"tile {index} of level {level}: not a JPEG stream ({len(data)} of {count} bytes)")
+        tables = lv.page.jpegtables
+        head = SOI + (ADOBE_RGB_APP14 if self.rgb_coded(level) else b"")
+        if tables:
+            return head + bytes(tables)[2:-2] + data[2:]
+        return head + data[2:]
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """uint8 RGB [h, w, 3] at level coordinates (x, y); white outside the image or for empty tiles."""

@@ -34,17 +34,22 @@ def pyramid_shapes(width_px: int, height_px: int, tile_px: int) -> list[tuple[in
 
 def write_pyramidal_tiff(path: str, width_px: int, height_px: int, render_tile: RenderTile, *, mpp: float | None,
                          tile_px: int = 256, jpeg_quality: int = 90, description: str = "",
-                         bigtiff: bool | None = None, workers: int | None = None) -> str:
+                         bigtiff: bool | None = None, workers: int | None = None, level_step: int = 2) -> str:
     """Write the slide whose level-0 tiles come from ``render_tile(col, row)``; returns ``path``.
 
     ``mpp=None`` writes no physical resolution (a slide without MPP, for error-path tests).
     ``bigtiff``: None = only when the raw level 0 exceeds 2 GiB (64-bit offsets; OpenSlide reads both).
     ``workers``: threads rendering the tiles of a row (numpy and PIL release the GIL); default: CPUs, <= 4.
+    ``level_step``: downsample between stored levels, 2 (default: 1/2/4/...) or 4 (1/4/16/..., the pyramid of
+    most 40x Aperio scans: no level at 2x, so 0.5 um/px tiles of a 0.25 um/px slide are read at level 0).
     """
     import tifffile
 
     if tile_px % 16:
         raise ValueError(f"tile_px must be a multiple of 16 (TIFF tiles), got {tile_px}")
+    if level_step not in (2, 4):
+        raise ValueError(f"level_step must be 2 or 4, got {level_step}")
+    skip = level_step // 2                     # every 2x level is computed; every skip-th one is stored
     shapes = pyramid_shapes(width_px, height_px, tile_px)
     path = os.path.abspath(str(path))
     folder = os.path.dirname(path)
@@ -61,6 +66,11 @@ def write_pyramidal_tiff(path: str, width_px: int, height_px: int, render_tile: 
             for k, (w, h) in enumerate(shapes):
                 nxt = _alloc_level(shapes[k + 1], tmp, k + 1) if k + 1 < len(shapes) else None
                 tiles = _level_tiles(w, h, tile_px, render_tile if source is None else None, source, nxt, pool)
+                if k % skip:                   # computed only to feed the next level
+                    for _ in tiles:
+                        pass
+                    source = nxt
+                    continue
                 if mpp is None:
                     res = {"resolution": (1, 1), "resolutionunit": "NONE"}
                 else:

@@ -20,13 +20,15 @@ from .render import TilePainter
 def write_synthetic_slide(path: str, width_px: int = 2816, height_px: int = 2816, mpp: float = 0.5,
                           label: int | None = None, seed: int = 0, signal_strength: float = 1.0,
                           tile_px: int = 256, *, color_shift=(1.0, 1.0, 1.0), tissue_share: float = 0.45,
-                          jpeg_quality: int = 90, signal_fractions=SIGNAL_FRACTIONS, write_mpp: bool = True) -> str:
+                          jpeg_quality: int = 90, signal_fractions=SIGNAL_FRACTIONS, write_mpp: bool = True,
+                          level_step: int = 2) -> str:
     """Write a pyramidal tiled JPEG TIFF (OpenSlide "generic-tiff", ``openslide.mpp-x`` = ``mpp``).
 
     ``label`` (0..3 or None): the planted pattern (dark-brown speckled clusters) marks a share
     ``signal_fractions[label]`` of the 128 um tissue cells; None plants nothing.
     ``signal_strength`` (0..1): opacity of the pattern. ``color_shift``: per-channel optical-density
     factors (a mild per-centre stain shift; 1 = none). ``tissue_share``: area share of tissue.
+    ``level_step=4`` stores a 1/4/16 pyramid (as 40x Aperio scans have) instead of 1/2/4.
     ``write_mpp=False`` leaves the resolution tags out (a slide without MPP, as some exports are).
     ``path`` may be a local path or any fsspec URL (written locally, then uploaded). Returns ``path``.
     """
@@ -46,7 +48,7 @@ def write_synthetic_slide(path: str, width_px: int = 2816, height_px: int = 2816
         "signal_strength": float(signal_strength), "marked_cells": int(layout.marked.sum()),
         "color_shift": [float(c) for c in color_shift]})
     kwargs = dict(mpp=mpp if write_mpp else None, tile_px=tile_px, jpeg_quality=jpeg_quality,
-                  description=description)
+                  description=description, level_step=level_step)
     if storage.is_local(str(path)):
         return write_pyramidal_tiff(storage.local_path(str(path)), width_px, height_px, painter, **kwargs)
     with tempfile.TemporaryDirectory(prefix="her2ray-synth-") as tmp:

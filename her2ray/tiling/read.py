@@ -61,10 +61,14 @@ def plan_strips(cols: np.ndarray, rows: np.ndarray, max_tiles: int) -> list[tupl
 
 def read_tiles(reader, grid: TileGrid, indices: Sequence[int] | None = None, *,
                num_workers: int | None = None, executor: Executor | None = None,
-               max_strip_px: int = MAX_STRIP_PX) -> np.ndarray:
-    """uint8 [N, tile_px, tile_px, 3] RGB tiles of ``grid`` (all, or ``indices`` in that order)."""
+               max_strip_px: int = MAX_STRIP_PX, resize: bool = True) -> np.ndarray:
+    """uint8 [N, tile_px, tile_px, 3] RGB tiles of ``grid`` (all, or ``indices`` in that order).
+
+    ``resize=False`` returns the tiles as read, ``[N, read_px, read_px, 3]``, for a caller that resizes them
+    elsewhere (the pipelined engine downscales on the encoder's device, never on the CPU).
+    """
     idx = np.arange(len(grid), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
-    tp = int(grid.tile_px)
+    tp = int(grid.tile_px) if resize else int(grid.read_px)
     out = np.empty((len(idx), tp, tp, 3), dtype=np.uint8)
     if len(idx) == 0:
         return out
@@ -74,7 +78,7 @@ def read_tiles(reader, grid: TileGrid, indices: Sequence[int] | None = None, *,
     buf = out if len(uniq) == len(idx) and np.array_equal(uniq, idx) else np.empty((len(uniq), tp, tp, 3), np.uint8)
 
     def work(strip):
-        _read_strip(reader, grid, strip, buf)
+        _read_strip(reader, grid, strip, buf, tp)
 
     if executor is not None:
         list(executor.map(work, strips))
@@ -92,9 +96,9 @@ def read_tiles(reader, grid: TileGrid, indices: Sequence[int] | None = None, *,
     return out
 
 
-def _read_strip(reader, grid: TileGrid, strip, dest: np.ndarray) -> None:
+def _read_strip(reader, grid: TileGrid, strip, dest: np.ndarray, tp: int) -> None:
     row, c0, n, positions = strip
-    rp, tp = int(grid.read_px), int(grid.tile_px)
+    rp = int(grid.read_px)
     ts = grid.tile_size_level0_px
     x0 = int(round(c0 * ts))
     y0 = int(round(row * ts))

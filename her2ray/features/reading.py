@@ -1,0 +1,175 @@
+"""Reader side of the pipelined engine (no Ray here): slide -> plan -> read units -> chunks of tile rows.
+
+``plan_slide`` opens a slide, plans its tissue tiles and decides how its tiles travel to the encoder:
+
+* ``jpeg``: the compressed file tiles under each grid tile (``tiling.jpeg_payload``), decoded, assembled and
+  downscaled on the encoder's device: the CPU only ``pread``s. Used when every tile lines up with the file's
+  JPEG tiles and the transport setting allows it;
+* ``rgb``: decoded pixels at the read level (OpenSlide or the direct TIFF decoder), ``read_px`` square; when
+  the read level is finer than the target the downscale still happens on the device, not on the CPU. Tiles
+  that need upsampling (a slide coarser than the target) and stain-normalised tiles are finished on the CPU
+  exactly as the reference engine does (``tiling.read``), so they arrive at ``tile_px``.
+
+The plan is cut into read units of at most ``unit_tiles`` tiles, each read by its own task (several tasks
+per big slide, many slides ahead of the encoder). ``read_unit`` yields chunks (dicts of equal-length
+columns, ``CHUNK_COLUMNS``) of at most ``chunk_tiles`` rows. Any failure becomes one ``error`` row naming the
+slide, so the assembler records the slide as failed and the cohort goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from ..errors import SlideError
+from ..tiling import TileGrid
+from ..tiling.jpeg_payload import JpegLayout, jpeg_layout, jpeg_payloads
+from .embed import EmbedConfig, _mpp_override
+
+TRANSPORTS = ("auto", "jpeg", "rgb")
+KIND_RGB, KIND_JPEG, KIND_ERROR = "rgb", "jpeg", "error"
+#: a chunk of raw pixels stays under this size (object store blocks of ~128 MiB at most)
+CHUNK_BYTES = 64 * 1024**2
+CHUNK_COLUMNS = ("slide_id", "tile_index", "n_tiles", "x", "y", "tissue_fraction", "kind", "src_px", "jpeg_k",
+                 "rgb_coded", "payload", "info", "read_s")
+
+
+@dataclass
+class ReadUnit:
+    """Tiles ``start .. start + len(grid)`` of one slide (``grid`` is that slice), or a planning failure."""
+
+    row: dict
+    n_tiles: int
+    start: int = 0
+    grid: TileGrid | None = None
+    kind: str = KIND_RGB
+    src_px: int = 0
+    layout: JpegLayout | None = None
+    info: dict | None = None           # slide provenance, carried by the unit holding tile 0
+    error: str | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return pickle.dumps(self, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @staticmethod
+    def from_bytes(raw: bytes) -> "ReadUnit":
+        return pickle.loads(raw)
+
+
+def _slide_cache(cfg: EmbedConfig):
+    if not cfg.storage_options:
+        return None
+    from ..slides import SlideCache
+
+    return SlideCache(storage_options=cfg.storage_options)
+
+
+def _failure(row: Mapping[str, Any], exc: BaseException) -> str:
+    if isinstance(exc, SlideError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}".strip()
+
+
+def choose_kind(grid: TileGrid, layout: JpegLayout | None, transport: str, stain: bool) -> tuple[str, int]:
+    """(payload kind, payload tile px) for a slide (see the module docstring)."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"tile transport must be one of {TRANSPORTS}, got {transport!r}")
+    if stain or grid.read_px < grid.tile_px:
+        return KIND_RGB, int(grid.tile_px)                 # finished on the CPU, like the reference
+    if layout is not None and transport in ("auto", "jpeg"):
+        return KIND_JPEG, int(grid.read_px)
+    return KIND_RGB, int(grid.read_px)
+
+
+def plan_slide(row: Mapping[str, Any], cfg: EmbedConfig, *, transport: str = "auto",
+               unit_tiles: int = 4096) -> list[ReadUnit]:
+    """Open + plan one manifest row; the read units of its tiles (one failed unit when that fails)."""
+    from ..slides import open_slide
+    from ..tiling import plan_tiles
+
+    t0 = time.perf_counter()
+    row = {"slide_id": str(row["slide_id"]), "path": str(row["path"]), "mpp": _mpp_override(row)}
+    try:
+        with open_slide(row["path"], mpp_override=row["mpp"], backend=cfg.slide_backend,
+                        cache=_slide_cache(cfg)) as reader:
+            grid = plan_tiles(reader, cfg.tiling, keep_mask=False)
+            layout = jpeg_layout(reader, grid)
+        kind, src_px = choose_kind(grid, layout, transport, cfg.stain_normalization is not None)
+    except Exception as exc:  # noqa: BLE001 - one bad slide must not stop a cohort; the reason is kept
+        return [ReadUnit(row=row, n_tiles=0, error=_failure(row, exc), seconds=time.perf_counter() - t0)]
+    seconds = time.perf_counter() - t0
+    info = {"grid": grid.metadata(), "slide_mpp": float(grid.slide_mpp), "level": int(grid.level),
+            "tile_size_level0_px": float(grid.tile_size_level0_px), "tile_px": int(grid.tile_px),
+            "target_mpp": float(grid.target_mpp),
+            "mpp_source": "override" if row["mpp"] is not None else "slide",
+            "transport": {"kind": kind, "payload_px": src_px,
+                          "jpeg_layout": None if kind != KIND_JPEG else layout.to_dict(),
+                          "downscale": "device-box" if src_px > grid.tile_px else "none"},
+            "plan_s": round(seconds, 4)}
+    n = len(grid)
+    units = []
+    for s in range(0, n, max(1, int(unit_tiles))):
+        part = grid.subset(np.arange(s, min(n, s + unit_tiles)))
+        units.append(ReadUnit(row=row, n_tiles=n, start=s, grid=part, kind=kind, src_px=src_px,
+                              layout=layout if kind == KIND_JPEG else None, info=info if s == 0 else None,
+                              seconds=seconds if s == 0 else 0.0))
+    return units
+
+
+def error_chunk(slide_id: str, message: str) -> dict[str, Any]:
+    return {"slide_id": [slide_id], "tile_index": np.array([-1], np.int64), "n_tiles": np.array([0], np.int64),
+            "x": np.array([0], np.int64), "y": np.array([0], np.int64),
+            "tissue_fraction": np.array([0], np.float32), "kind": [KIND_ERROR], "src_px": np.array([0], np.int32),
+            "jpeg_k": np.array([0], np.int32), "rgb_coded": np.array([False]), "payload": [b""],
+            "info": [message], "read_s": np.array([0.0])}
+
+
+def read_unit(unit: ReadUnit, cfg: EmbedConfig, *, chunk_tiles: int = 256) -> Iterator[dict[str, Any]]:
+    """Chunks of tile rows of one read unit (``CHUNK_COLUMNS``); a failure ends it with an error row."""
+    from ..slides import open_slide
+    from ..tiling import read_tiles
+
+    sid = unit.row["slide_id"]
+    if unit.error is not None:
+        yield error_chunk(sid, unit.error)
+        return
+    grid = unit.grid
+    if unit.kind == KIND_RGB:
+        chunk_tiles = min(int(chunk_tiles), max(8, CHUNK_BYTES // (3 * unit.src_px ** 2)))
+    try:
+        normalizer = cfg.stain_normalizer()
+        with open_slide(unit.row["path"], mpp_override=unit.row["mpp"], backend=cfg.slide_backend,
+                        cache=_slide_cache(cfg)) as reader:
+            for s in range(0, len(grid), max(1, int(chunk_tiles))):
+                t0 = time.perf_counter()
+                idx = np.arange(s, min(len(grid), s + chunk_tiles))
+                if unit.kind == KIND_JPEG:
+                    payload = jpeg_payloads(reader, grid, unit.layout, idx)
+                else:
+                    tiles = read_tiles(reader, grid, idx, num_workers=1, resize=unit.src_px == grid.tile_px)
+                    if normalizer is not None:
+                        tiles = normalizer(tiles)
+                    payload = [t.tobytes() for t in tiles]
+                m = len(idx)
+                info = [""] * m
+                if s == 0 and unit.info is not None:
+                    info[0] = json.dumps(unit.info, sort_keys=True)
+                yield {"slide_id": [sid] * m, "tile_index": (unit.start + idx).astype(np.int64),
+                       "n_tiles": np.full(m, unit.n_tiles, np.int64), "x": grid.x[idx].astype(np.int64),
+                       "y": grid.y[idx].astype(np.int64), "tissue_fraction": grid.tissue_fraction[idx].astype(np.float32),
+                       "kind": [unit.kind] * m, "src_px": np.full(m, unit.src_px, np.int32),
+                       "jpeg_k": np.full(m, unit.layout.k if unit.layout else 0, np.int32),
+                       "rgb_coded": np.full(m, bool(unit.layout and unit.layout.rgb_coded)),
+                       "payload": payload, "info": info,
+                       "read_s": np.r_[time.perf_counter() - t0 + (unit.seconds if s == 0 else 0.0),
+                                       np.zeros(m - 1)]}
+    except Exception as exc:  # noqa: BLE001 - reported as the slide's failure
+        yield error_chunk(sid, _failure(unit.row, exc))

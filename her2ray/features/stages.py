@@ -1,0 +1,168 @@
+"""The pipelined engine on Ray Data: thin wrappers around ``reading``, ``fast_engine`` and ``assemble``.
+
+Shape (rows = slides, then read units, then tiles)::
+
+    from_items(slides)                                                    one block per slide
+      .map_batches(plan_units,  TaskPool(p), num_cpus=1)   open, thumbnail, tissue mask, grid -> read units
+      .map_batches(read_tiles,  TaskPool(r), num_cpus=1)   units -> chunks of tile payloads (generator)
+      .map_batches(EncodeActor, ActorPool(n, 4 blocks in flight, 2 concurrent calls, threads),
+                   batch_size=B, num_gpus=1 | num_cpus=c)   tiles of ANY slides -> float16 features
+      .iter_batches()  -> driver: SlideAssembler commits each slide's file when its last tile is in
+
+Planning and reading are CPU tasks placed wherever the cluster has CPUs, several slides ahead of the encoder;
+how far ahead is bounded by Ray Data's streaming backpressure (object store budget, optionally capped with
+``max_inflight_mb``) and by the reader pool size. Only compressed tiles (or pixels, for slides the JPEG path
+cannot serve) cross the object store; only 2-byte features come back to the driver.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+from .embed import EmbedConfig, load_engine_encoder
+from .reading import ReadUnit, plan_slide, read_unit
+
+log = logging.getLogger(__name__)
+
+
+def _rows(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    from .pipeline import _batch_rows
+
+    return _batch_rows(batch)
+
+
+def plan_units(batch: dict[str, np.ndarray], cfg: dict[str, Any], storage_options: dict | None,
+               transport: str, unit_tiles: int) -> dict[str, list]:
+    """Ray Data UDF: slides -> read units (pickled ``ReadUnit``)."""
+    config = EmbedConfig.from_mapping({**cfg, "storage_options": storage_options})
+    units = [u for r in _rows(batch) for u in plan_slide(r, config, transport=transport, unit_tiles=unit_tiles)]
+    return {"slide_id": [u.row["slide_id"] for u in units], "unit": [u.to_bytes() for u in units]}
+
+
+def read_tiles_udf(batch: dict[str, np.ndarray], cfg: dict[str, Any], storage_options: dict | None,
+                   chunk_tiles: int) -> Iterator[dict[str, Any]]:
+    """Ray Data UDF (generator): read units -> chunks of tile payloads."""
+    config = EmbedConfig.from_mapping({**cfg, "storage_options": storage_options})
+    for raw in batch["unit"]:
+        yield from read_unit(ReadUnit.from_bytes(raw), config, chunk_tiles=chunk_tiles)
+
+
+class EncodeActor:
+    """Ray Data callable class: one encoder + encode loop per actor; batches of tiles from any slides."""
+
+    def __init__(self, cfg: dict[str, Any], storage_options: dict | None = None, torch_threads: int | None = None,
+                 forward_rows: int | None = None, depth: int = 2):
+        from ..encoders.device_loop import EncodeLoop
+
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(max(1, int(torch_threads)))
+        self.cfg = EmbedConfig.from_mapping({**cfg, "storage_options": storage_options})
+        self.loop = EncodeLoop(load_engine_encoder(self.cfg), rows=forward_rows, depth=depth)
+        self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from .fast_engine import encode_chunk
+
+        out = encode_chunk(self.loop, batch, self.cfg.tiling.tile_px)
+        n = len(out["kind"])
+        out["actor"] = [self.actor_id] * n
+        out["loop_stats"] = [json.dumps(self.loop.stats.to_dict())] + [""] * (n - 1)
+        return out
+
+
+def provenance_of(cfg: EmbedConfig, device: str, forward_rows: int) -> dict[str, Any]:
+    """What the driver's assembler records per file about the actors' encoder (device, precision, decoder)."""
+    import torch
+
+    from ..encoders.tile_encoder import default_precision
+    from .fast_engine import provenance
+
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    return provenance(cfg.precision or default_precision(torch.device(device_type)), device_type, forward_rows)
+
+
+def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, actors: dict[str, Any],
+                  encoder_settings: Mapping[str, Any], *, progress, transport: str = "auto",
+                  num_readers: int | None = None, max_inflight_mb: float | None = None,
+                  unit_tiles: int = 4096) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Run the pipelined engine over ``todo``; (status rows by slide id, stage statistics)."""
+    from .assemble import SlideAssembler
+    from .pipeline import _batch_items
+
+    device = "cuda" if actors.get("num_gpus") else (cfg.device or "cpu")
+    forward_rows = int(cfg.batch_size or (1024 if device.startswith("cuda") else 64))
+    cpus = float(ray.cluster_resources().get("CPU", 1.0))
+    readers = int(num_readers or max(1, int(cpus - actors.get("num_cpus", 1.0) * actors["num_actors"])))
+    planners = max(1, readers // 2) if readers > 1 else 1
+    actor_cfg = cfg.to_dict()
+    if actors.get("device"):
+        actor_cfg["device"] = cfg.device or actors["device"]
+    remote = {"num_gpus": actors["num_gpus"]} if "num_gpus" in actors else {"num_cpus": actors["num_cpus"]}
+    so = cfg.storage_options
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.execution_options.resource_limits)
+    ctx.max_errored_blocks = 10 ** 9          # a crashed reader/encoder fails its slides, not the cohort
+    ctx.enable_progress_bars = False
+    if max_inflight_mb:
+        ctx.execution_options.resource_limits = ray.data.ExecutionResources(
+            object_store_memory=float(max_inflight_mb) * 1024**2)
+    stats: dict[str, Any] = {"engine": "pipelined", "readers": readers, "planners": planners,
+                             "forward_rows": forward_rows, "transport": transport}
+    assembler = SlideAssembler(todo, out, cfg, encoder_settings, provenance_of(cfg, device, forward_rows))
+    results: dict[str, dict[str, Any]] = {}
+    loop_stats: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    first = None
+    try:
+        items = _batch_items(todo)
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        units = ds.map_batches(plan_units, fn_kwargs={"cfg": cfg.to_dict(), "storage_options": so,
+                                                      "transport": transport, "unit_tiles": unit_tiles},
+                               batch_size=1, batch_format="numpy", num_cpus=1,
+                               compute=ray.data.TaskPoolStrategy(size=planners))
+        tiles = units.map_batches(read_tiles_udf, fn_kwargs={"cfg": cfg.to_dict(), "storage_options": so,
+                                                             "chunk_tiles": max(8, forward_rows // 4)},
+                                  batch_size=1, batch_format="numpy", num_cpus=1,
+                                  compute=ray.data.TaskPoolStrategy(size=readers + (readers == planners)))
+        feats = tiles.map_batches(
+            EncodeActor, fn_constructor_kwargs={"cfg": actor_cfg, "storage_options": so,
+                                                "torch_threads": actors.get("torch_threads"),
+                                                "forward_rows": forward_rows},
+            batch_size=forward_rows, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors["num_actors"], max_tasks_in_flight_per_actor=4,
+                                               max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
+            **remote)
+        for batch in feats.iter_batches(batch_size=None, batch_format="numpy"):
+            first = first or time.perf_counter()
+            for a, s in zip(batch["actor"], batch["loop_stats"]):
+                if s:
+                    loop_stats[str(a)] = json.loads(s)
+            assembler.add(batch)
+            for row in assembler.poll():
+                results[row["slide_id"]] = row
+                progress.update(row)
+        for row in assembler.finish():
+            results[row["slide_id"]] = row
+            progress.update(row)
+    finally:
+        ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.execution_options.resource_limits = saved
+    end = time.perf_counter()
+    rows_ok = [r for r in results.values() if r["status"] == "ok"]
+    stats.update({
+        "seconds": round(end - t0, 3), "first_output_s": None if first is None else round(first - t0, 3),
+        "tiles": assembler.stats.tiles, "write_s": round(assembler.stats.write_s, 3),
+        "plan_read_s": round(sum(r["read_wait_s"] for r in rows_ok), 3),
+        "encode_s": round(sum(r["encode_s"] for r in rows_ok), 3),
+        "encoder_loops": loop_stats})
+    busy = sum(s.get("busy_s", 0.0) for s in loop_stats.values())
+    idle = sum(s.get("idle_s", 0.0) for s in loop_stats.values())
+    stats["device_idle_share"] = round(idle / (busy + idle), 4) if busy + idle > 0 else None
+    return results, stats
