@@ -42,7 +42,8 @@ TINY_CFG = {"embed_dim": 64, "quick_gelu": True,
 # --------------------------------------------------------------------------------------------------
 # Inputs
 
-def make_big_slide(path: str, width_px: int, height_px: int, seed: int = 0, mpp: float = 0.5) -> str:
+def make_big_slide(path: str, width_px: int, height_px: int, seed: int = 0, mpp: float = 0.5,
+                   level_step: int = 2) -> str:
     """A large pyramidal JPEG TIFF, fast: tissue blobs filled with tiles copied from a small rendered
     synthetic slide (rendering every tile of a 25k px slide with the painter would take minutes)."""
     from her2ray.synth import write_synthetic_slide
@@ -70,7 +71,8 @@ def make_big_slide(path: str, width_px: int, height_px: int, seed: int = 0, mpp:
     def render(col: int, row: int) -> np.ndarray:
         return pool[choice[row, col]] if tissue[row, col] else white
 
-    return write_pyramidal_tiff(path, width_px, height_px, render, mpp=mpp, tile_px=256, jpeg_quality=85)
+    return write_pyramidal_tiff(path, width_px, height_px, render, mpp=mpp, tile_px=256, jpeg_quality=85,
+                                level_step=level_step)
 
 
 def tiny_encoder_dir(folder: str) -> str:

@@ -23,14 +23,8 @@ WORKERS=${WORKERS:-$(python3 -c "import os; print(min(16, len(os.sched_getaffini
 RESULTS=${OUT:-/tmp}
 cd "$(dirname "$0")/.."
 
-if [ -z "${SKIP_WHEELS:-}" ] && compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "FAIL wheel install"; exit 1; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source benchmarks/device_env.sh || exit 1
 export DEVICE CHECK_SLIDE_PX
-command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 - <<'EOF' || { echo "FAIL imports"; exit 1; }
 import importlib
 for m in ("torch", "torchvision", "open_clip", "openslide", "pydantic", "imagecodecs", "tifffile", "pyarrow",

@@ -191,6 +191,9 @@ def test_cli_end_to_end_local_store_and_resume(ray_session, tmp_path, cohort, ti
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "finished" and run["encoder"]["weights_format"] == "open_clip"
     assert run["summary"]["counts"] == {"ok": 4, "skipped": 0, "failed": 4}
+    stages = run["summary"]["stages"]                       # the default (pipelined) engine's statistics
+    assert stages["engine"] == "pipelined" and stages["tiles"] == sum(expected.values())
+    assert 0 <= stages["device_idle_share"] <= 1 and stages["steady_tiles_per_s"] is not None
 
     # features of a tile == encoder applied to the tile read directly
     sf = read_slide_features(feature_url(str(out), "syn2"))
@@ -213,10 +216,14 @@ def test_cli_end_to_end_local_store_and_resume(ray_session, tmp_path, cohort, ti
     assert not stray.exists() and not [n for n in os.listdir(out / "features") if not n.endswith(".parquet")]
     assert pd.read_parquet(out / "features").groupby("slide_id").size().to_dict() == expected  # no duplicates
 
-    # 3) other tiling settings make old files stale: recomputed, not reused (--overwrite: plan_resume unit test)
-    assert _embed("--manifest", subset, "--out", out, *enc, "--min-tissue", "0.5", "--no-progress") == 0
+    # 3) other tiling settings make old files stale: recomputed, not reused (--overwrite: plan_resume unit test);
+    #    this time with the reference engine (one slide per actor call), same contract
+    assert _embed("--manifest", subset, "--out", out, *enc, "--min-tissue", "0.5", "--no-progress",
+                  "--engine", "slide") == 0
     assert list(pq.read_table(out / "slides.parquet").column("status").to_pylist()) == ["ok", "ok"]
-    assert read_slide_features(feature_url(str(out), "syn1")).meta.extra["tiling"]["min_tissue"] == 0.5
+    meta = read_slide_features(feature_url(str(out), "syn1")).meta
+    assert meta.extra["tiling"]["min_tissue"] == 0.5 and "engine" not in meta.extra
+    assert json.loads((out / "run.json").read_text())["summary"]["stages"]["engine"] == "slide"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,6 +301,10 @@ def test_plan_actors_gpu_and_cpu_placement():
     cpu = plan_actors({"CPU": 16}, n_todo=100)
     assert cpu == {"num_cpus": 4.0, "device": "cpu", "torch_threads": 4, "num_actors": 4}
     assert plan_actors({"CPU": 2}, n_todo=5)["num_actors"] == 1
+    # the pipelined engine keeps CPUs for its reader tasks: a 2-CPU box gets one 1-CPU encoder actor
+    assert plan_actors({"CPU": 2}, 5, num_cpus_per_actor=2, reserve_cpus=1) == {
+        "num_cpus": 1.0, "device": "cpu", "torch_threads": 1, "num_actors": 1}
+    assert plan_actors({"CPU": 16}, 100, reserve_cpus=4)["num_actors"] == 3
 
 
 def test_resume_rules_and_catalog_columns(tmp_path, cohort, tiny_encoder):

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..tiling.jpeg_payload import unpack_streams
+from ..tiling.jpeg_payload import pack_streams, unpack_streams
 
 
 @lru_cache(maxsize=64)
@@ -81,7 +81,10 @@ def decode_jpeg_payloads(payloads: Sequence[bytes], k: int, device: torch.device
             raise ValueError(f"tile payload holds {len(parts)} JPEG streams, expected {k * k}")
         streams.extend(torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in parts)
     if device.type == "cuda":
-        tiles = decode_jpeg(streams, mode=ImageReadMode.RGB, device=device)
+        try:
+            tiles = decode_jpeg(streams, mode=ImageReadMode.RGB, device=device)     # batched nvJPEG
+        except RuntimeError:                  # older torchvision: no mode on the GPU (3-channel tiles anyway)
+            tiles = decode_jpeg(streams, device=device)
     else:
         tiles = decode_jpeg(streams, mode=ImageReadMode.RGB)
     stacked = torch.stack(tiles)                          # [N*k*k, 3, ft, ft]
@@ -111,14 +114,19 @@ def jpeg_rgb_selftest(device: torch.device) -> dict:
     Image.fromarray(img).save(buf, format="JPEG", quality=90)
     ycc = buf.getvalue()
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="JPEG", quality=90, keep_rgb=True)   # components stored as RGB
-    rgb = buf.getvalue()
-    if ADOBE_RGB_APP14[4:9] not in rgb:
-        rgb = SOI + ADOBE_RGB_APP14 + rgb[2:]
-    out = {}
+    try:
+        Image.fromarray(img).save(buf, format="JPEG", quality=90, keep_rgb=True)   # components stored as RGB
+        rgb = buf.getvalue()
+        if ADOBE_RGB_APP14[4:9] not in rgb:
+            rgb = SOI + ADOBE_RGB_APP14 + rgb[2:]
+    except TypeError:                                  # Pillow < 11: no RGB JPEGs; the RGB case counts as failed
+        rgb = None
+    out = {"rgb_max_diff": 255}
     for name, data in (("ycbcr", ycc), ("rgb", rgb)):
+        if data is None:
+            continue
         t = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         ref = decode_jpeg(t, mode=ImageReadMode.RGB).int()
-        got = decode_jpeg([t], mode=ImageReadMode.RGB, device=device)[0] if device.type == "cuda" else ref
+        got = decode_jpeg_payloads([pack_streams([data])], 1, device)[0] if device.type == "cuda" else ref
         out[f"{name}_max_diff"] = int((got.cpu().int() - ref).abs().max())
     return out

@@ -144,10 +144,14 @@ class _Progress:
         self.total, self.enabled, self.every_s = total, enabled, every_s
         self.done = self.tiles = self.failed = 0
         self.t0 = self._last = time.perf_counter()
+        self.first_at: float | None = None          # first slide finished: start-up is over
+        self.tiles_at_first = 0
 
     def update(self, row: Mapping[str, Any]) -> None:
         self.done += 1
-        self.tiles += int(row.get("n_tiles") or 0)
+        self.tiles += int(row.get("n_tiles") or 0) if row.get("status") == STATUS_OK else 0
+        if self.first_at is None:
+            self.first_at, self.tiles_at_first = time.perf_counter(), self.tiles
         is_failed = row.get("status") == STATUS_FAILED
         self.failed += is_failed
         if not self.enabled:
@@ -159,10 +163,22 @@ class _Progress:
             self._last = now
             elapsed = now - self.t0
             eta = elapsed / self.done * (self.total - self.done)
+            if self.first_at is not None and self.done > 1 and now > self.first_at:   # steady state, by tiles
+                per_slide = (now - self.first_at) / (self.done - 1)
+                eta = per_slide * (self.total - self.done)
             log.info("[%d/%d slides] %s %s (%d tiles, %.1fs) | %.1f tiles/s | %d failed | ETA %s",
                      self.done, self.total, row.get("slide_id"), row.get("status"), int(row.get("n_tiles") or 0),
                      float(row.get("seconds") or 0.0), self.tiles / max(elapsed, 1e-9), self.failed,
                      _fmt_seconds(eta))
+
+    def timing(self) -> dict[str, Any]:
+        """Start-up (to the first finished slide) and steady-state tiles/s after it."""
+        end = time.perf_counter()
+        if self.first_at is None:
+            return {"first_slide_s": None, "steady_tiles_per_s": None}
+        span = end - self.first_at
+        return {"first_slide_s": round(self.first_at - self.t0, 3),
+                "steady_tiles_per_s": round((self.tiles - self.tiles_at_first) / span, 2) if span > 0 else None}
 
 
 def _fmt_seconds(s: float) -> str:
@@ -247,14 +263,15 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
         actors = plan_actors(resources, len(plan.todo), num_actors=num_actors,
                              num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor,
                              reserve_cpus=reserve)
+        meter = _Progress(len(plan.todo), enabled=progress)
         if engine == "pipelined":
-            results, stages = run_pipelined(ray, plan.todo, out, cfg, actors, settings,
-                                            progress=_Progress(len(plan.todo), enabled=progress),
+            results, stages = run_pipelined(ray, plan.todo, out, cfg, actors, settings, progress=meter,
                                             transport=tile_transport, num_readers=num_readers,
                                             max_inflight_mb=max_inflight_mb)
         else:
-            results = _run_actors(ray, plan.todo, out, cfg, actors, progress)
+            results = _run_actors(ray, plan.todo, out, cfg, actors, meter)
             stages = {"engine": "slide"}
+        stages.update(meter.timing())
 
     statuses = list(plan.skipped)
     for r in plan.todo:
@@ -283,7 +300,7 @@ def _write_run(url: str, record: dict[str, Any], storage_options: Mapping[str, A
 
 
 def _run_actors(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, actors: dict[str, Any],
-                progress: bool) -> dict[str, dict[str, Any]]:
+                meter: "_Progress") -> dict[str, dict[str, Any]]:
     """Map the engine over ``todo`` on an actor pool; returns status rows by slide id as they stream in."""
     items = _batch_items(todo)
     actor_cfg = cfg.to_dict()
@@ -295,7 +312,7 @@ def _run_actors(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, act
     # A slide that kills its worker process (e.g. a native crash in a slide library) must not stop the cohort:
     # its block is dropped and the slide reported as failed by the driver.
     ctx.max_errored_blocks = len(items)
-    if progress:
+    if meter.enabled:
         ctx.enable_progress_bars = False      # our per-slide lines replace Ray's operator bars
     try:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
@@ -306,7 +323,6 @@ def _run_actors(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, act
             batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors["num_actors"]),
             **remote)
-        meter = _Progress(len(items), enabled=progress)
         results: dict[str, dict[str, Any]] = {}
         for row in statuses.iter_rows():
             row = dict(row)
