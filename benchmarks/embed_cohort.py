@@ -34,8 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 for _k, _v in (("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_AUTH_MODE", "disabled"), ("RAY_DATA_DISABLE_PROGRESS_BARS", "1")):
     os.environ.setdefault(_k, _v)
 
+#: stand-in encoder: input = the 256 px tile itself (no resize), 16 patches of 64 px, one narrow layer: a few
+#: MFLOP per tile, so on a CPU the benchmark measures reading, decoding, downscaling and bookkeeping
 STAND_IN_CFG = {"embed_dim": 32, "quick_gelu": True,
-                "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "patch_size": 32, "head_width": 32}}
+                "vision_cfg": {"image_size": 256, "layers": 1, "width": 32, "patch_size": 64, "head_width": 16}}
 
 
 def stand_in_encoder(folder: str) -> str:
@@ -100,6 +102,47 @@ def run_engine(engine: str, rows: list[dict], store: str, cfg, opts: dict) -> di
         out.update(read_wait_s=round(wait, 3), encode_s=round(enc, 3), slide_s=round(float(cat.seconds.sum()), 3),
                    device_idle_share=round(1 - enc / busy, 4) if busy else None,
                    encoder_clock_tiles_per_s=round(summary.n_tiles_embedded / busy, 1) if busy else None)
+    return out
+
+
+def reader_costs(path: str, n_tiles: int = 256) -> dict:
+    """Single-thread CPU ms per tile (process CPU time, robust to a loaded box) of each read path on one slide:
+    the reference reader (decode + CPU resize), the pipelined readers (pixels at the read level; compressed
+    tiles: pread only) and the device-side work done here on the CPU (decode + assemble + box downscale)."""
+    import torch
+
+    from her2ray.encoders.device_tiles import box_downscale, decode_jpeg_payloads
+    from her2ray.slides import open_slide
+    from her2ray.tiling import TilingConfig, plan_tiles, read_tiles
+    from her2ray.tiling.jpeg_payload import jpeg_layout, jpeg_payloads
+
+    torch.set_num_threads(1)
+    with open_slide(path) as reader:
+        grid = plan_tiles(reader, TilingConfig(), keep_mask=False)
+        layout = jpeg_layout(reader, grid)
+        idx = np.arange(min(n_tiles, len(grid)))
+        payloads = jpeg_payloads(reader, grid, layout, idx) if layout is not None else None
+    out = {"tiles": len(idx), "read_px": int(grid.read_px), "level": int(grid.level)}
+
+    def cpu_ms(fn):                 # a fresh slide handle per repeat: cold decoded-tile cache
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.process_time()
+            with open_slide(path) as r:
+                fn(r)
+            best = min(best, (time.process_time() - t0) * 1e3 / len(idx))
+        return round(best, 4)
+
+    out["reference_read_resize_ms"] = cpu_ms(lambda r: read_tiles(r, grid, idx, num_workers=1))
+    out["rgb_payload_ms"] = cpu_ms(lambda r: [t.tobytes() for t in read_tiles(r, grid, idx, num_workers=1,
+                                                                               resize=False)])
+    if layout is not None:
+        out["jpeg_payload_ms"] = cpu_ms(lambda r: jpeg_payloads(r, grid, layout, idx))
+        cpu = torch.device("cpu")
+        out["device_side_on_cpu_ms"] = cpu_ms(
+            lambda r: box_downscale(decode_jpeg_payloads(payloads, layout.k, cpu).float(), grid.tile_px))
+        out["jpeg_bytes_per_tile"] = int(np.mean([len(p) for p in payloads]))
+    print(f"reader CPU ms/tile on {os.path.basename(path)}: {out}", flush=True)
     return out
 
 
@@ -174,6 +217,8 @@ def main(argv=None) -> int:
             results["check"] = check_equivalence(cfg, tmp, 4096)
         rows = make_cohort(folder, args.n_slides, args.files_per_kind, args.px_40x, args.px_20x, args.big,
                            args.big_px_40x, args.big_px_20x)
+        results["reader_costs"] = {k: reader_costs(next(r["path"] for r in rows if r["kind"] == k))
+                                   for k in ("40x", "20x")}
         t0 = time.perf_counter()
         ensure_ray(None, log_to_driver=False)
         results["ray_start_s"] = round(time.perf_counter() - t0, 3)

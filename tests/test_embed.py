@@ -240,7 +240,8 @@ def test_s3_slides_manifest_and_store(ray_session, s3_bucket, tmp_path, cohort, 
     storage.write_text_atomic(manifest, pd.DataFrame(rows).to_csv(index=False))
     out = f"{s3_bucket}/store"
     enc = ["--encoder", "open_clip", "--weights", tiny_encoder, "--no-progress"]
-    assert _embed("--manifest", manifest, "--out", out, *enc) == 1
+    # compressed JPEG tiles through Ray (the default on GPU clusters), decoded in the encoder actor
+    assert _embed("--manifest", manifest, "--out", out, *enc, "--tile-transport", "jpeg") == 1
     cat = storage.read_parquet(f"{out}/slides.parquet").to_pandas().set_index("slide_id")
     assert cat.status.to_dict() == {"syn1": "ok", "corrupt": "failed", "gone": "failed"}
     assert cat.loc["gone", "error"].startswith("SlideNotFoundError")
@@ -248,6 +249,8 @@ def test_s3_slides_manifest_and_store(ray_session, s3_bucket, tmp_path, cohort, 
     assert cat.loc["syn1", "n_tiles"] == _tile_count(cohort["syn1"])
     df = pd.read_parquet(f"{out}/features")
     assert len(df) == cat.loc["syn1", "n_tiles"] and set(df.slide_id) == {"syn1"}
+    transport = read_slide_features(feature_url(out, "syn1")).meta.extra["transport"]
+    assert transport["kind"] == "jpeg" and transport["jpeg_layout"]["k"] == 1
     assert json.loads(storage.read_text(f"{out}/run.json"))["status"] == "finished"
     # rerun: the S3 file is reused, failures are retried
     assert _embed("--manifest", manifest, "--out", out, *enc) == 1

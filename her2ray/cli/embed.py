@@ -52,9 +52,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="pipelined (default): CPU reader tasks several slides ahead feed encoder actors that take "
                         "tiles of any slide; slide: the reference engine, one slide per actor call")
     p.add_argument("--tile-transport", default=None, choices=["auto", "jpeg", "rgb"],
-                   help="pipelined engine: how tiles travel to the encoder. auto/jpeg: compressed JPEG file tiles "
+                   help="pipelined engine: how tiles travel to the encoder. jpeg: compressed JPEG file tiles "
                         "when the slide's tiles line up with the grid (decoded, assembled and downscaled on the "
-                        "encoder's device: nvJPEG on a GPU), else decoded pixels; rgb: always decoded pixels. "
+                        "encoder's device: nvJPEG on a GPU), else decoded pixels; rgb: always decoded pixels; "
+                        "auto (default): jpeg when the encoder actors have GPUs, else rgb. "
                         "Downscaling (e.g. 40x slides read at level 0) always happens on the encoder's device")
     p.add_argument("--num-readers", type=int, default=None,
                    help="pipelined engine: concurrent reader tasks (default: cluster CPUs not used by encoders)")

@@ -98,6 +98,8 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
     from .pipeline import _batch_items
 
     device = "cuda" if actors.get("num_gpus") else (cfg.device or "cpu")
+    if transport == "auto":     # compressed tiles pay off where a GPU decodes them; CPU-only: decode in readers
+        transport = "jpeg" if device.startswith("cuda") else "rgb"
     forward_rows = int(cfg.batch_size or (1024 if device.startswith("cuda") else 64))
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     readers = int(num_readers or max(1, int(cpus - actors.get("num_cpus", 1.0) * actors["num_actors"])))
