@@ -19,6 +19,7 @@ import numpy as np
 from ..errors import SlideNotFoundError, SlideReadError
 from .base import SlideReader
 from .mpp import mpp_from_properties
+from .sparse import TiffSparseIndex
 from .tiff_tiles import TiffTileDecoder
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,10 @@ class OpenSlideReader(SlideReader):
     backend_name = "openslide"
 
     def __init__(self, path: str, local_path: str, mpp_override: float | None = None,
-                 on_close: Callable[[], None] | None = None):
+                 on_close: Callable[[], None] | None = None, mpp_from_magnification: bool = False):
         import openslide
 
-        super().__init__(path, local_path, mpp_override, on_close)
+        super().__init__(path, local_path, mpp_override, on_close, mpp_from_magnification)
         if not os.path.exists(local_path):
             raise SlideNotFoundError(self.path, "slide file not found")
         if not os.access(local_path, os.R_OK):
@@ -49,6 +50,7 @@ class OpenSlideReader(SlideReader):
         self._props = dict(self._slide.properties)
         self._mpp_native = mpp_from_properties(self._props)
         self._fast = TiffTileDecoder.for_slide(local_path, self._props.get("openslide.vendor"), self._dims)
+        self._sparse: TiffSparseIndex | None | bool = False  # built on first use (huge thumbnails only)
 
     def _level_dimensions(self):
         return self._dims
@@ -83,6 +85,11 @@ class OpenSlideReader(SlideReader):
             raise SlideReadError(self.path, f"cannot decode region x={x0} y={y0} level={level} "
                                             f"{w}x{h} (corrupt or truncated?): {exc}") from None
         return np.asarray(img)
+
+    def _region_is_blank(self, level: int, x: int, y: int, w: int, h: int) -> bool:
+        if self._sparse is False:
+            self._sparse = TiffSparseIndex.for_slide(self.local_path, self._props.get("openslide.vendor"), self._dims)
+        return self._sparse is not None and self._sparse.region_is_empty(level, x, y, w, h)
 
     def _thumbnail(self, max_px: int) -> np.ndarray:
         import openslide
