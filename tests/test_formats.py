@@ -32,7 +32,7 @@ from her2ray.errors import MissingMPPError, SlideReadError, SlideTooLargeError
 from her2ray.features.schema import feature_url, read_slide_features
 from her2ray.slides import SlideCache, open_slide
 from her2ray.slides.base import composite_on_white
-from her2ray.slides.formats import slide_files
+from her2ray.slides.formats import is_slide_folder, slide_files
 from her2ray.slides.mpp import mpp_disagreement
 from her2ray.synth.formats import write_format_slide, write_sparse_slide
 from her2ray.tiling import TilingConfig, plan_tiles, read_tiles
@@ -160,6 +160,8 @@ def test_multi_file_sets_and_no_partial_series(tmp_path):
     vms = slide_files(mem, f"{root}/vms/a.vms")
     assert [f.name for f in vms.files] == ["a.vms", "a.jpg", "a.opt", "a_map.jpg"]
     assert slide_files(mem, f"{root}/vms").open_name == "a.vms"                     # folder with an index
+    assert is_slide_folder(f"memory://{root}/vms") and is_slide_folder(str(DICOM_DIR))
+    assert not is_slide_folder(f"memory://{root}/mrxs/s1") and not is_slide_folder(str(DICOM_DIR / "nope"))
     mem.pipe(f"{root}/lone.mrxs", b"x")
     with pytest.raises(SlideReadError, match="data folder"):
         slide_files(mem, f"{root}/lone.mrxs")

@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from ..errors import MissingMPPError, SlideReadError, SlideTooLargeError
-from .mpp import mpp_disagreement, mpp_from_magnification, objective_power
+from .mpp import mpp_disagreement, mpp_from_magnification, mpp_from_properties, objective_power
 from .thumbnail import (DIRECT_THUMBNAIL_MAX_PX, bounded_thumbnail, describe_size, thumbnail_level,
                         thumbnail_size)
 
@@ -221,6 +221,29 @@ class SlideReader(abc.ABC):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.path!r}, dimensions={self.dimensions}, "
                 f"levels={self.level_count}, mpp={self._mpp_override or self._native_mpp()})")
+
+
+class StaticMetadataReader(SlideReader):
+    """A backend that reads its metadata once when opened: it sets ``_dims`` (level dimensions), ``_downs``
+    (downsamples) and ``_props`` (properties, with ``openslide.*`` keys for the MPP / objective rules)."""
+
+    _dims: tuple[tuple[int, int], ...]
+    _downs: tuple[float, ...]
+    _props: Mapping[str, str]
+
+    def _level_dimensions(self):
+        return self._dims
+
+    def _level_downsamples(self):
+        return self._downs
+
+    def _properties(self) -> Mapping[str, str]:
+        return self._props
+
+    def _native_mpp(self) -> float | None:
+        if not hasattr(self, "_mpp_native"):
+            self._mpp_native = mpp_from_properties(self._props)
+        return self._mpp_native
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:

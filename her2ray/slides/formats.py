@@ -88,7 +88,8 @@ def slide_files(fs, path: str) -> SlideFileSet:
     """The file set of the slide at ``path`` on ``fs`` (a local or remote fsspec filesystem).
 
     * a folder: a MIRAX / VMS / VMU index inside it names the slide; otherwise it is a DICOM series
-      folder (every file in it; the largest ``.dcm`` instance, level 0, is opened);
+      folder (every file in it is staged; the largest ``.dcm`` instance, level 0, is opened; a folder
+      without ``.dcm`` files is refused);
     * ``x.mrxs``: the index plus every file under the data folder ``x/``;
     * ``x.vms`` / ``x.vmu``: the index plus the sibling files it names;
     * ``x.dcm``: every ``.dcm`` file of its folder (OpenSlide gathers the series from the folder);
@@ -136,11 +137,26 @@ def _folder_set(fs, folder: str) -> SlideFileSet:
         if index:
             inner = slide_files(fs, posixpath.join(folder, index[0]))
             return SlideFileSet(folder, inner.open_name, inner.files, True)
-    dicom = {n: i for n, i in listing.items() if n.lower().endswith(DICOM_SUFFIX)} or listing
+    dicom = {n: i for n, i in listing.items() if n.lower().endswith(DICOM_SUFFIX)}
+    if not dicom:
+        raise SlideReadError(folder, "slide folder holds no .dcm files and no MIRAX/VMS/VMU index file "
+                                     f"(found e.g. {sorted(listing)[:3]})")
     # Level 0 is the largest instance; ties broken by name so the choice never depends on listing order.
     open_name = max(sorted(dicom), key=lambda n: int(dicom[n].get("size") or 0))
     files = tuple(_file(n, i) for n, i in sorted(listing.items()))
     return SlideFileSet(folder, open_name, files, True)
+
+
+def is_slide_folder(url: str, storage_options=None) -> bool:
+    """True when the folder at ``url`` (local or remote) holds one slide: a DICOM series or a MIRAX/VMS/VMU
+    index with its companions (for preflight checks that otherwise accept only regular files)."""
+    from .. import storage
+
+    try:
+        fs, path = storage.filesystem_for(url, storage_options)
+        return fs.isdir(path) and bool(slide_files(fs, path).files)
+    except (SlideNotFoundError, SlideReadError, OSError):
+        return False
 
 
 def local_open_path(path: str) -> str:

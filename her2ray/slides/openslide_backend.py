@@ -12,20 +12,19 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 
 from ..errors import SlideNotFoundError, SlideReadError
-from .base import SlideReader
-from .mpp import mpp_from_properties
+from .base import StaticMetadataReader
 from .sparse import TiffSparseIndex
 from .tiff_tiles import TiffTileDecoder
 
 log = logging.getLogger(__name__)
 
 
-class OpenSlideReader(SlideReader):
+class OpenSlideReader(StaticMetadataReader):
     backend_name = "openslide"
 
     def __init__(self, path: str, local_path: str, mpp_override: float | None = None,
@@ -48,21 +47,8 @@ class OpenSlideReader(SlideReader):
         self._dims = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
         self._downs = tuple(float(d) for d in self._slide.level_downsamples)
         self._props = dict(self._slide.properties)
-        self._mpp_native = mpp_from_properties(self._props)
         self._fast = TiffTileDecoder.for_slide(local_path, self._props.get("openslide.vendor"), self._dims)
         self._sparse: TiffSparseIndex | None | bool = False  # built on first use (huge thumbnails only)
-
-    def _level_dimensions(self):
-        return self._dims
-
-    def _level_downsamples(self):
-        return self._downs
-
-    def _properties(self) -> Mapping[str, str]:
-        return self._props
-
-    def _native_mpp(self) -> float | None:
-        return self._mpp_native
 
     def _read_rgb(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
         fast = self._fast

@@ -9,16 +9,15 @@ around it here, as every her2ray backend must.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 
 from ..errors import SlideNotFoundError, SlideReadError
-from .base import SlideReader
-from .mpp import mpp_from_properties
+from .base import StaticMetadataReader
 
 
-class TiffSlideReader(SlideReader):
+class TiffSlideReader(StaticMetadataReader):
     backend_name = "tiffslide"
 
     def __init__(self, path: str, local_path: str, mpp_override: float | None = None,
@@ -41,18 +40,6 @@ class TiffSlideReader(SlideReader):
         props = {k: str(v) for k, v in self._slide.properties.items() if v is not None}
         self._props = {**props, **{"openslide." + k[len("tiffslide."):]: v for k, v in props.items()
                                    if k.startswith("tiffslide.")}}
-
-    def _level_dimensions(self):
-        return self._dims
-
-    def _level_downsamples(self):
-        return self._downs
-
-    def _properties(self) -> Mapping[str, str]:
-        return self._props
-
-    def _native_mpp(self) -> float | None:
-        return mpp_from_properties(self._props)
 
     def _read_rgba(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
         out = np.zeros((h, w, 4), dtype=np.uint8)              # transparent outside the image
