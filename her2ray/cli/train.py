@@ -13,7 +13,7 @@ from typing import Any
 _FLAG_KEYS = ("folds", "seed", "model", "split_by", "balance", "max_epochs", "patience", "batch_size", "lr",
               "weight_decay", "aug_rate", "address", "cpus_per_fold", "gpus_per_fold", "max_concurrent_folds",
               "max_failures", "dim", "depth", "heads", "dim_head", "mlp_dim", "npk", "max_nodes", "dropout",
-              "sg_layers", "sg_dropout", "sg_pooling")
+              "sg_layers", "sg_dropout", "sg_pooling", "graph_lambda_d", "graph_lambda_f", "graph_lambda_h")
 
 
 def _centers(value: str) -> list[str]:
@@ -61,6 +61,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sg-layers", type=_widths, help="SlideGraph+ widths, e.g. 16,16,8 (default)")
     p.add_argument("--sg-dropout", type=float, help="SlideGraph+ dropout on pooled layer logits (default 0.5)")
     p.add_argument("--sg-pooling", choices=("mean", "max", "add"), help="SlideGraph+ node pooling (default mean)")
+    for name, default, hint in (("lambda-d", 3e-3, "spatial decay per level-0 px"),
+                                ("lambda-f", 1e-3, "feature-distance decay; scale it to your features"),
+                                ("lambda-h", 0.8, "clustering cut")):
+        p.add_argument(f"--graph-{name}", type=float, help=f"SlideGraph+ graph {hint} (default {default:g})")
     p.set_defaults(func=run)
 
 
