@@ -285,6 +285,29 @@ def test_mpp_from_magnification_is_opt_in_and_units_are_read(flavours, tmp_path)
     assert mpp_disagreement(0.52, 0.5) is None and mpp_disagreement(0.45, 0.5) is None
 
 
+def test_mpp_flags_reach_the_tile_cli_and_the_feature_file(flavours, tmp_path, tiny_encoder, capsys):
+    import argparse
+
+    from her2ray.cli.tile import add_parser
+    from her2ray.features.embed import EmbedConfig, embed_slide, load_engine_encoder
+
+    parser = argparse.ArgumentParser(prog="her2ray")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["tile", flavours["aperio-nompp-40x"], "--out", str(tmp_path / "g.parquet"),
+                              "--mpp-from-magnification"])
+    assert args.func(args) == 0 and "0.25 um/px (magnification)" in capsys.readouterr().out
+    args = parser.parse_args(["tile", flavours["generic-lzw"], "--out", str(tmp_path / "g2.parquet"),
+                              "--mpp-override", "0.6"])
+    assert args.func(args) == 0 and "warning:" in capsys.readouterr().out
+    # the manifest mpp wins, and its disagreement with the file is kept in the feature file's provenance
+    cfg = EmbedConfig(encoder="open_clip", weights=tiny_encoder)
+    row = {"slide_id": "lzw", "path": flavours["generic-lzw"], "mpp": 0.6}
+    assert embed_slide(row, load_engine_encoder(cfg), cfg, str(tmp_path))["status"] == "ok"
+    extra = read_slide_features(feature_url(str(tmp_path), "lzw")).meta.extra
+    assert extra["mpp_source"] == "override" and extra["mpp_file"] == pytest.approx(0.5)
+    assert "disagrees" in extra["mpp_warning"]
+
+
 # ---- every format in one manifest, local and S3, embedded end to end ------------------------------------
 
 def test_every_format_embedded_end_to_end_local_and_s3(ray_session, s3_bucket, tmp_path, flavours, huge_slide,
