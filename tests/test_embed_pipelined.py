@@ -23,7 +23,6 @@ from her2ray.features.schema import feature_url, read_slide_features
 from her2ray.slides import open_slide
 from her2ray.tiling import TilingConfig, plan_tiles, read_tiles, resize_tile
 from her2ray.tiling.jpeg_payload import jpeg_layout, jpeg_payloads
-from test_embed import tiny_encoder  # noqa: F401 - module fixture: a tiny open_clip tower in a folder
 
 
 @pytest.fixture(scope="module")

@@ -126,7 +126,7 @@ class SlideAssembler:
         info = st.info
         normalizer = self.cfg.stain_normalizer()
         extra = {"tiling": self.cfg.tiling.to_dict(), "grid": info["grid"], "slide_path": str(row.get("path", "")),
-                 "mpp_source": info["mpp_source"], **self.provenance,
+                 **info["mpp"], **self.provenance,
                  "random_weights": bool(self.encoder_settings.get("random_weights")),
                  "transport": {**info["transport"], "decoder": self.provenance.get("decoder")}}
         meta = FeatureFileMeta(

@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import SlideError
 from ..tiling import TileGrid
 from ..tiling.jpeg_payload import JpegLayout, jpeg_layout, jpeg_payloads
-from .embed import EmbedConfig, _mpp_override
+from .embed import EmbedConfig, _mpp_override, _mpp_provenance
 
 TRANSPORTS = ("auto", "jpeg", "rgb")
 KIND_RGB, KIND_JPEG, KIND_ERROR = "rgb", "jpeg", "error"
@@ -99,9 +99,10 @@ def plan_slide(row: Mapping[str, Any], cfg: EmbedConfig, *, transport: str = "au
     row = {"slide_id": str(row["slide_id"]), "path": str(row["path"]), "mpp": _mpp_override(row)}
     try:
         with open_slide(row["path"], mpp_override=row["mpp"], backend=cfg.slide_backend,
-                        cache=_slide_cache(cfg)) as reader:
+                        cache=_slide_cache(cfg), mpp_from_magnification=cfg.mpp_from_magnification) as reader:
             grid = plan_tiles(reader, cfg.tiling, keep_mask=False)
             layout = jpeg_layout(reader, grid)
+            mpp_info = _mpp_provenance(reader, row["slide_id"])
         kind, src_px = choose_kind(grid, layout, transport, cfg.stain_normalization is not None)
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop a cohort; the reason is kept
         return [ReadUnit(row=row, n_tiles=0, error=_failure(row, exc), seconds=time.perf_counter() - t0)]
@@ -109,7 +110,7 @@ def plan_slide(row: Mapping[str, Any], cfg: EmbedConfig, *, transport: str = "au
     info = {"grid": grid.metadata(), "slide_mpp": float(grid.slide_mpp), "level": int(grid.level),
             "tile_size_level0_px": float(grid.tile_size_level0_px), "tile_px": int(grid.tile_px),
             "target_mpp": float(grid.target_mpp),
-            "mpp_source": "override" if row["mpp"] is not None else "slide",
+            "mpp": mpp_info,
             "transport": {"kind": kind, "payload_px": src_px,
                           "jpeg_layout": None if kind != KIND_JPEG else layout.to_dict(),
                           "downscale": "device-box" if src_px > grid.tile_px else "none"},
@@ -147,7 +148,7 @@ def read_unit(unit: ReadUnit, cfg: EmbedConfig, *, chunk_tiles: int = 256) -> It
     try:
         normalizer = cfg.stain_normalizer()
         with open_slide(unit.row["path"], mpp_override=unit.row["mpp"], backend=cfg.slide_backend,
-                        cache=_slide_cache(cfg)) as reader:
+                        cache=_slide_cache(cfg), mpp_from_magnification=cfg.mpp_from_magnification) as reader:
             for s in range(0, len(grid), max(1, int(chunk_tiles))):
                 t0 = time.perf_counter()
                 idx = np.arange(s, min(len(grid), s + chunk_tiles))
