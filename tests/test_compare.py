@@ -143,3 +143,15 @@ def test_paper_table2_job_plans_both_models_and_validates_options(table2_runs, t
     cfg.write_text(cfg.read_text().replace("seed: 3", "seed: 3, epochs: 2"))
     assert job_main(["--config", str(cfg), "--dry-run"]) == 2
     assert "train.epochs" in capsys.readouterr().err
+
+
+def test_shipped_paper_table2_config_validates(capsys):
+    from pathlib import Path
+
+    from jobs.paper_table2 import main as job_main
+
+    cfg = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "paper_table2.yaml"
+    assert job_main(["--config", str(cfg), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["train"] * 4 + ["compare"]
+    assert sum("--lr 0.001 --weight-decay 0.0001" in ln for ln in lines) == 2
