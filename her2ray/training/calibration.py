@@ -41,6 +41,7 @@ VECTOR_MARGIN_NATS = 0.02     # mean NLL per slide vector scaling must win by (C
 VECTOR_MIN_PER_CLASS = 20     # ... and only with at least this many OOF slides of every class (2C parameters)
 LOG_EPS = 1e-12               # floor of probabilities before the log (a hard 0 would be -inf)
 MAX_ITER = 500
+LOG_T_BOUND = float(np.log(20.0))   # T in [1/20, 20]: perfectly separated OOF data would drive T to 0
 
 
 @dataclass
@@ -117,7 +118,7 @@ def fit_map(method: str, probs: np.ndarray, labels: np.ndarray) -> Calibration:
     c = z.shape[1]
     if method == "temperature":
         res = minimize(_nll_and_grad_temperature, np.zeros(1), args=(z, y), jac=True, method="L-BFGS-B",
-                       bounds=[(-5.0, 5.0)], options={"maxiter": MAX_ITER})
+                       bounds=[(-LOG_T_BOUND, LOG_T_BOUND)], options={"maxiter": MAX_ITER})
         return Calibration(method="temperature", temperature=float(np.exp(-res.x[0])))
     if method == "vector":
         res = minimize(_nll_and_grad_vector, np.concatenate([np.ones(c), np.zeros(c)]), args=(z, y), jac=True,
