@@ -209,3 +209,38 @@ def test_threshold_rule_and_flag_columns():
     assert points[0]["threshold"] == pytest.approx(0.7 / 0.9) and points[0]["oof_sensitivity"] == 0.5
     summary = screening_summary(y, {points[0]["column"]: probs[:, 3] >= 0.7}, groups=list("aabbcc"), n_boot=50)
     assert summary[0]["sensitivity"]["estimate"] == 0.5 and summary[0]["specificity"]["estimate"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------ embedding
+def test_re_embedding_with_other_thread_counts_is_bit_identical(tmp_path):
+    """Same slide, same encoder, 1 vs 2 torch threads (what CPU actors of 1 or 2 CPUs get): same float16 bits."""
+    from open_clip.model import _build_vision_tower
+
+    from her2ray.encoders import write_open_clip_dir
+    from her2ray.features.embed import EmbedConfig, embed_slide, load_engine_encoder
+    from her2ray.features.schema import read_slide_features
+    from her2ray.synth import write_synthetic_slide
+
+    # Big enough for multi-threaded GEMMs (196 tokens x width 128), small enough for a second on CPU.
+    arch = {"embed_dim": 32, "quick_gelu": True,
+            "vision_cfg": {"image_size": 224, "layers": 2, "width": 128, "patch_size": 16, "head_width": 32}}
+    torch.manual_seed(11)
+    tower = _build_vision_tower(arch["embed_dim"], arch["vision_cfg"], quick_gelu=True)
+    weights = write_open_clip_dir(tower.state_dict(), arch, str(tmp_path / "enc"))
+    slide = write_synthetic_slide(str(tmp_path / "s.tiff"), 1024, 1024, seed=4, label=2)
+    cfg = EmbedConfig(encoder="open_clip", weights=weights, device="cpu", precision="fp32")
+    encoder = load_engine_encoder(cfg)
+    feats = {}
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            store = str(tmp_path / f"store{threads}")
+            assert embed_slide({"slide_id": "s", "path": slide}, encoder, cfg, store)["status"] == "ok"
+            sf = read_slide_features(feature_url(store, "s"))
+            assert sf.meta.extra["torch_threads"] == threads
+            feats[threads] = sf.features
+    finally:
+        torch.set_num_threads(old)
+    assert len(feats[1]) > 8 and feats[1].dtype == feats[2].dtype
+    assert np.array_equal(feats[1].view(np.uint8), feats[2].view(np.uint8))
