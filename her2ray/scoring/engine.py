@@ -5,7 +5,8 @@ directly. Per slide: read its feature file, build the KAT kernels exactly as tra
 with the checkpoint's ``npk``/``max_nodes`` and the file's ``tile_size_level0_px``), run every fold in eval
 mode, calibrate each fold's softmax with the run's ``calibration.json`` and average over folds (the raw
 average is kept as ``prob_uncal_her2_*``), and flag the run's screening operating points
-(``operating_points.json``; one boolean ``screen_*`` column each). With ``attention`` the per-tile attention is computed in the
+(``operating_points.json``; one boolean ``screen_*`` column each).
+With ``attention`` the per-tile attention is computed in the
 same forward pass and written next to the predictions, so heatmaps never need the model again.
 
 A slide that cannot be scored yields a row with ``status="failed"`` and the reason: one bad file must not

@@ -14,7 +14,8 @@ Families (Guo et al., 2017):
 
 Choice: both are scored by cross-validated NLL *over the CV folds* (fit on the other folds' OOF rows, score on
 the fold's rows). Vector scaling is chosen only when every class has ``VECTOR_MIN_PER_CLASS`` OOF slides and
-its CV NLL beats temperature scaling's by more than ``VECTOR_MARGIN_NATS``; otherwise temperature scaling. The chosen family is then refitted on all OOF rows.
+its CV NLL beats temperature scaling's by more than ``VECTOR_MARGIN_NATS``; otherwise temperature scaling.
+The chosen family is then refitted on all OOF rows.
 Fitting is L-BFGS (scipy) on float64 with analytic gradients from a fixed start: deterministic.
 
 Ensembles: each fold model's probabilities are calibrated with the same map, then averaged over folds (the
