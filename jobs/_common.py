@@ -335,7 +335,11 @@ def run_stage(argv: Sequence[str], *, address: str | None, index: int = 1, total
     code = "import sys; from her2ray.cli import main; sys.exit(main(sys.argv[1:]))"
     sys.stdout.flush()
     sys.stderr.flush()
-    rc = subprocess.call([sys.executable, "-c", code, *argv], env=child_env(address))
+    from her2ray import console
+
+    # Under a quiet console the child gets the terminal (its own her2ray lines) and appends Ray's to our log.
+    rc = subprocess.call([sys.executable, "-c", code, *argv], env=console.child_env(child_env(address)),
+                         **console.child_stdio())
     seconds = time.perf_counter() - start
     if rc != 0:
         log(f"=== [{index}/{total}] {stage} FAILED (exit {rc}) after {_fmt_seconds(seconds)} ===")
@@ -367,8 +371,15 @@ def ray_address(options: RayOptions, *, log: Callable[[str], None] = print) -> I
 
     os.environ["PYTHONPATH"] = child_env(None)["PYTHONPATH"]  # raylet-spawned workers import her2ray
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # private, loopback-only cluster (see cluster/README)
-    ctx = ray.init(num_cpus=options.num_cpus, include_dashboard=False, log_to_driver=False,
+    from her2ray import console
+    from her2ray.ray_runtime import route_worker_output
+
+    # address="local": a private Ray even when another one (`ray start`) runs on this machine
+    quiet = console.ray_log_stream() is not None
+    ctx = ray.init(address="local", num_cpus=options.num_cpus, include_dashboard=False, log_to_driver=quiet,
                    namespace="her2ray-local")
+    if quiet:
+        route_worker_output(console.ray_log_stream())
     address = ctx.address_info["gcs_address"]
     log(f"Ray: started a local Ray for this run at {address} "
         f"({int(ray.cluster_resources().get('CPU', 0))} CPUs)")
