@@ -8,9 +8,9 @@ the rest of the cohort is still embedded), 2 for bad input (manifest, config, en
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
+from .. import console
 from ..config import yaml_section
 from ..errors import ConfigError
 
@@ -96,6 +96,6 @@ def run(args) -> int:
     print(summary.table())
     if summary.n_failed:
         print(f"her2ray embed: {summary.n_failed} of {summary.n_slides} slide(s) failed "
-              f"(reasons in {summary.catalog_url})", file=sys.stderr)
+              f"(reasons in {summary.catalog_url})", file=console.stderr())
         return 1
     return 0

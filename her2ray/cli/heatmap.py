@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from .. import console
 from ..errors import ConfigError
 
 
@@ -66,8 +66,8 @@ def run(args) -> int:
     status_url = write_status(cfg.out, rows)
     n_ok = sum(r["status"] == "ok" for r in rows)
     print(f"heatmaps: {n_ok}/{len(rows)} slides rendered into {cfg.out} ({len(rows) - n_ok} failed, "
-          f"see {status_url})", file=sys.stderr)
+          f"see {status_url})", file=console.stderr())
     for r in rows:
         if r["status"] != "ok":
-            print(f"  {r['slide_id']}: {r['reason']}", file=sys.stderr)
+            print(f"  {r['slide_id']}: {r['reason']}", file=console.stderr())
     return 0 if n_ok == len(rows) else 1

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from .. import console
 from ..config import yaml_section
 
 
@@ -55,5 +55,5 @@ def run(args) -> int:
     print(f"scored {summary.n_scored}/{summary.n_requested} slides in {summary.seconds:.1f} s "
           f"({summary.n_failed} not scored, see {summary.out}/failed.csv); predicted {counts}; "
           f"HER2-low {summary.n_her2_low}; model {summary.model.get('run_id')} "
-          f"sha256 {str(summary.model.get('sha256'))[:12]}", file=sys.stderr)
+          f"sha256 {str(summary.model.get('sha256'))[:12]}", file=console.stderr())
     return 0

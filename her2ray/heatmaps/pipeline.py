@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from pydantic import Field
 
-from .. import storage
+from .. import console, storage
 from ..ray_runtime import ensure_ray
 from ..config import StageConfig
 from ..errors import ConfigError, FeatureStoreError
@@ -222,7 +222,7 @@ def render_cohort(jobs: list[HeatmapJob], cfg: HeatmapConfig, local: bool = Fals
     if progress and jobs:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs), desc="heatmaps", unit="slide")
+        bar = tqdm(total=len(jobs), desc="heatmaps", unit="slide", file=console.stderr())
     results: dict[str, dict[str, Any]] = {}
     try:
         if local:

@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from pydantic import Field
 
-from .. import storage
+from .. import console, storage
 from ..ray_runtime import ensure_ray
 from ..config import StageConfig
 from ..errors import FeatureStoreError
@@ -309,7 +309,7 @@ def _progress(total: int, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="scoring slides", unit="slide")
+    return tqdm(total=total, desc="scoring slides", unit="slide", file=console.stderr())
 
 
 __all__ = ["EnsembleScorer", "FAILED_CSV", "PREDICTIONS_CSV", "PREDICTIONS_PARQUET", "PREDICTION_COLUMNS",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .. import storage
+from .. import console, storage
 from ..errors import ConfigError, FeatureStoreError, Her2RayError, ManifestError
 from ..features.schema import (META_KEY, RUN_FILE, FeatureFileMeta, feature_ids,
                                feature_url, is_usable, read_catalog)
@@ -167,9 +166,9 @@ def prepare_inputs(features: str, manifest: str, cfg: TrainConfig, test_manifest
 def report_excluded(excluded: list[dict[str, Any]]) -> None:
     if not excluded:
         return
-    print(f"her2ray train: excluded {len(excluded)} slide(s):", file=sys.stderr)
+    print(f"her2ray train: excluded {len(excluded)} slide(s):", file=console.stderr())
     for e in excluded:
-        print(f"  {e['slide_id']} ({e['set']}): {e['reason']}", file=sys.stderr)
+        print(f"  {e['slide_id']} ({e['set']}): {e['reason']}", file=console.stderr())
 
 
 # --------------------------------------------------------------------------------------- splits / specs
