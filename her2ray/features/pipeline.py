@@ -255,6 +255,8 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
                                     "see the Ray worker logs)"))
     table = catalog.build_catalog(rows, statuses)
     catalog_url = catalog.write_catalog(out, table, so)
+    if cfg.qc_dir:
+        _contact_sheets(cfg, table)
     counts = {s: 0 for s in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)}
     for s in statuses:
         counts[s["status"]] = counts.get(s["status"], 0) + 1
@@ -270,11 +272,22 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
     return summary
 
 
+def _contact_sheets(cfg: EmbedConfig, catalog_table: pa.Table) -> None:
+    from ..tiling.qc import write_contact_sheets
+
+    sheets = write_contact_sheets(cfg.qc_dir, catalog_table.select(["slide_id", "status", "error"]).to_pylist(),
+                                  storage_options=cfg.storage_options)
+    log.info("QC pictures: %d contact sheet(s) in %s", len(sheets), cfg.qc_dir)
+
+
 def _all_failed(rows, out: str, cfg: EmbedConfig, statuses: list[dict[str, Any]], manifest: str | None,
                 timing: dict[str, float], t0: float) -> EmbedSummary:
     """Every row failed preflight: write the catalog and run.json and stop, without loading an encoder or Ray."""
     so = cfg.storage_options
-    catalog_url = catalog.write_catalog(out, catalog.build_catalog(rows, statuses), so)
+    table = catalog.build_catalog(rows, statuses)
+    catalog_url = catalog.write_catalog(out, table, so)
+    if cfg.qc_dir:
+        _contact_sheets(cfg, table)
     run_url = storage.join(out, RUN_FILE)
     summary = EmbedSummary(
         out=out, n_slides=len(rows), counts={STATUS_OK: 0, STATUS_SKIPPED: 0, STATUS_FAILED: len(statuses)},
