@@ -38,6 +38,16 @@ def _version(module: str) -> str:
     return str(getattr(mod, "__version__", "installed (no __version__)"))
 
 
+def _dist_version(dist: str) -> str:
+    """Installed version without importing (importing open_clip takes seconds)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def torch_lines() -> list[str]:
     try:
         import torch
@@ -121,7 +131,7 @@ def report(address: str | None = None, timeout: float = 3.0) -> list[str]:
         lambda: [f"her2ray     {__version__} ({os.path.dirname(os.path.dirname(os.path.abspath(__file__)))})",
                  f"python      {sys.version.split()[0]} ({sys.executable})"],
         torch_lines, lambda: ray_lines(address, timeout), openslide_lines,
-        lambda: [f"open_clip   {_version('open_clip')}"], s3_lines, cache_lines,
+        lambda: [f"open_clip   {_dist_version('open_clip_torch')}"], s3_lines, cache_lines,
     ]
     lines: list[str] = []
     for section in sections:
