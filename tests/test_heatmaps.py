@@ -185,19 +185,22 @@ def test_heatmap_cli_on_ray_local_and_s3_slides(ray_session, cmu_small_region, s
     storage.write_bytes_atomic(s3_slide, cmu_small_region.read_bytes())
     manifest = tmp_path / "slides.csv"
     manifest.write_text(f"slide_id,path,her2_score\nCMU-local,{cmu_small_region},2+\nCMU-s3,{s3_slide},\n"
-                        f"no-attention,{cmu_small_region},0\n")
+                        f"no-attention,{cmu_small_region},0\nCMU-gone,{tmp_path / 'gone.svs'},1+\n")
+    _write_attention(str(scores_dir / "attention" / "CMU-gone.parquet"), "CMU-gone", x, y, scores, TILE)
     from her2ray.heatmaps.pipeline import plan_jobs
 
     jobs, _ = plan_jobs(str(scores_dir / "attention"), [str(manifest)])
-    assert {j.slide_id: j.truth for j in jobs} == {"CMU-local": "2+", "CMU-s3": None}   # truth from the manifest
+    assert {j.slide_id: j.truth for j in jobs} == {"CMU-local": "2+", "CMU-s3": None, "CMU-gone": "1+"}
     out = f"{s3_bucket}/heatmaps"
     rc = _cli(["--scores", str(scores_dir), "--slides", str(manifest), "--out", out, "--max-px", "256",
-               "--slide-id", "CMU-local", "CMU-s3", "no-attention", "--no-progress", "--scale", "cohort"])
+               "--slide-id", "CMU-local", "CMU-s3", "no-attention", "CMU-gone", "--no-progress", "--scale",
+               "cohort"])
     assert rc == 1                                         # one slide could not be rendered
     status = {r["slide_id"]: r for r in pacsv.read_csv(io.BytesIO(storage.read_bytes(f"{out}/heatmaps.csv")),
                                                        read_options=pacsv.ReadOptions()).to_pylist()}
     assert status["CMU-local"]["status"] == "ok" and status["CMU-s3"]["status"] == "ok"
     assert "no attention file" in status["no-attention"]["reason"]
+    assert status["CMU-gone"]["reason"].startswith("preflight: ") and "file not found" in status["CMU-gone"]["reason"]
     for sid in ("CMU-local", "CMU-s3"):
         img = Image.open(io.BytesIO(storage.read_bytes(f"{out}/{sid}.png")))
         assert img.width > 2 * 190 and img.height > 256

@@ -49,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from .. import storage
-    from ..heatmaps.pipeline import HeatmapConfig, plan_jobs, render_cohort, write_status
+    from ..heatmaps.pipeline import HeatmapConfig, plan_jobs, preflight_jobs, render_cohort, write_status
 
     if args.scores:
         attention_dir = storage.join(args.scores, "attention")
@@ -68,6 +68,9 @@ def run(args) -> int:
                              features=args.features, tile_size=args.tile_size)
     if not jobs and not failed:
         raise ConfigError(f"nothing to render: no attention files in {attention_dir} match --slides")
+    if cfg.png:   # slides are opened only for the PNG: check them before Ray starts
+        jobs, unreadable = preflight_jobs(jobs)
+        failed += unreadable
     rows = failed + render_cohort(jobs, cfg, local=args.local, progress=not args.no_progress)
     status_url = write_status(cfg.out, rows)
     n_ok = sum(r["status"] == "ok" for r in rows)

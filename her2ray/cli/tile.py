@@ -47,6 +47,13 @@ def run(args: argparse.Namespace) -> int:
     from ..slides import open_slide
 
     cfg = _config(args)
+    if storage.is_local(args.slide):   # a FIFO or folder must fail here, not hang or crash in the reader
+        from ..errors import SlideNotFoundError, SlideReadError
+        from ..preflight import check_local
+
+        reason = check_local(storage.local_path(args.slide))
+        if reason is not None:
+            raise (SlideNotFoundError if "not found" in reason else SlideReadError)(args.slide, reason)
     with open_slide(args.slide, mpp_override=args.mpp_override, backend=args.backend) as reader:
         grid = plan_tiles(reader, cfg)
         mpp_source = reader.mpp_source

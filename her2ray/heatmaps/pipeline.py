@@ -264,6 +264,19 @@ def plan_jobs(attention_dir: str, slides: Iterable[str], predictions: str | None
     return jobs, failed
 
 
+def preflight_jobs(jobs: list[HeatmapJob]) -> tuple[list[HeatmapJob], list[dict[str, Any]]]:
+    """Jobs whose slide passes ``her2ray.preflight`` (exists, regular readable file / S3 object), and failed
+    status rows for the others, before any Ray task starts."""
+    from ..preflight import check_paths
+
+    reasons = check_paths([j.slide_path for j in jobs])
+    ok = [j for j in jobs if reasons.get(j.slide_path) is None]
+    failed = [{"slide_id": j.slide_id, "status": "failed", "reason": f"preflight: {j.slide_path}: "
+               f"{reasons[j.slide_path]}", "png": "", "geojson": "", "n_tiles": 0, "seconds": 0.0}
+              for j in jobs if reasons.get(j.slide_path) is not None]
+    return ok, failed
+
+
 def render_cohort(jobs: list[HeatmapJob], cfg: HeatmapConfig, local: bool = False,
                   progress: bool = True) -> list[dict[str, Any]]:
     """Render every job (Ray tasks, or in-process with ``local``); returns status rows in job order."""
@@ -318,5 +331,5 @@ def write_status(out: str, rows: list[dict[str, Any]]) -> str:
     return url
 
 
-__all__ = ["HeatmapConfig", "HeatmapJob", "plan_jobs", "read_attention", "read_predictions", "render_cohort",
+__all__ = ["HeatmapConfig", "HeatmapJob", "cohort_range", "plan_jobs", "preflight_jobs", "read_attention", "read_predictions", "render_cohort",
            "render_slide", "resolve_slides", "slide_id_from_path", "write_status"]
