@@ -411,6 +411,18 @@ def run_pipeline(cfg: PipelineConfig, stages: Sequence[str] | None = None, *, so
     return timings
 
 
+def _run_quietly(cfg: PipelineConfig, stages: Sequence[str], source: str, verbose: bool) -> dict[str, float]:
+    """``run_pipeline`` with Ray's output in ``<out>/logs/pipeline-ray.log`` (local ``out``), unless verbose."""
+    from her2ray import console
+
+    console.set_verbose(verbose)
+    if verbose or console.is_verbose() or not storage.is_local(cfg.out):
+        return run_pipeline(cfg, stages, source=source)
+    log_path = os.path.join(storage.local_path(cfg.out), "logs", "pipeline-ray.log")
+    with console.QuietConsole(log_path):
+        return run_pipeline(cfg, stages, source=source)
+
+
 def job_main(stage: str | None, argv: Sequence[str] | None = None) -> int:
     """``python -m jobs.<stage> --config X.yaml`` (``stage=None``: the whole pipeline)."""
     name = f"jobs.{stage or 'pipeline'}"
@@ -419,6 +431,8 @@ def job_main(stage: str | None, argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="run YAML (local path or s3:// URL)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print the her2ray command lines without running them")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Ray's output live on the console (default: OUT/logs/pipeline-ray.log)")
     args = parser.parse_args(argv)
     try:
         cfg = load_pipeline_config(args.config)
@@ -428,7 +442,7 @@ def job_main(stage: str | None, argv: Sequence[str] | None = None) -> int:
                 print("her2ray " + " ".join(shlex.quote(a) for a in stage_argv(s, cfg, source=args.config)))
             return 0
         total_start = time.perf_counter()
-        timings = run_pipeline(cfg, stages, source=args.config)
+        timings = _run_quietly(cfg, stages, args.config, verbose=args.verbose)
     except ConfigError as exc:
         print(f"{name}: config error: {exc}", file=sys.stderr)
         return 2
