@@ -35,7 +35,7 @@ def test_mask_outline_and_contact_sheet():
     m[2:8, 2:8] = True
     edge = mask_outline(m)
     assert edge.sum() == 6 * 4 - 4 and not edge[3:7, 3:7].any()
-    cells = [np.full((100, 80, 3), i * 20, np.uint8) for i in range(8)] + [failed_cell("bad: failed", "no tissue")]
-    sheet = contact_sheet(cells, columns=6, cell_px=64, gap_px=4)
+    cells = [np.full((100, 80, 3), i * 20, np.uint8) for i in range(8)] + [failed_cell("no tissue")]
+    sheet = contact_sheet(cells, [f"s{i}" for i in range(9)], columns=6, cell_px=64, gap_px=4)
     assert sheet.shape == (2 * (64 + CAPTION_PX + 4) + 4, 6 * (64 + 4) + 4, 3)
     assert (sheet[4:10, 4:10] == 0).all() and (sheet[4:10, 72:78] == 20).all()   # row-major order

@@ -275,7 +275,7 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
 def _contact_sheets(cfg: EmbedConfig, catalog_table: pa.Table) -> None:
     from ..tiling.qc import write_contact_sheets
 
-    sheets = write_contact_sheets(cfg.qc_dir, catalog_table.select(["slide_id", "status", "error"]).to_pylist(),
+    sheets = write_contact_sheets(cfg.qc_dir, catalog_table.select(["slide_id", "status", "error", "n_tiles"]).to_pylist(),
                                   storage_options=cfg.storage_options)
     log.info("QC pictures: %d contact sheet(s) in %s", len(sheets), cfg.qc_dir)
 

@@ -74,30 +74,30 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def failed_cell(caption: str, reason: str, size_px: int = 256) -> np.ndarray:
-    """A placeholder picture for a slide that could not be tiled (red frame, the reason as text)."""
+def failed_cell(reason: str, size_px: int = 256) -> np.ndarray:
+    """A placeholder picture for a slide without a QC picture (red frame, the reason as text)."""
     from PIL import Image, ImageDraw
 
-    canvas = Image.new("RGB", (size_px, size_px + CAPTION_PX), (245, 235, 235))
+    canvas = Image.new("RGB", (size_px, size_px), (245, 235, 235))
     draw = ImageDraw.Draw(canvas)
     draw.rectangle((0, 0, size_px - 1, size_px - 1), outline=FAILED_RGB, width=3)
     words, lines, line = reason.split(), [], ""
     for w in words:
-        if len(line) + len(w) > size_px // 7:
+        if line and len(line) + len(w) > size_px // 8:
             lines.append(line)
             line = ""
         line = f"{line} {w}".strip()
     lines.append(line)
-    for i, text in enumerate(lines[:12]):
+    for i, text in enumerate(lines[:14]):
         draw.text((8, 8 + 16 * i), text, fill=FAILED_RGB, font=_font(13))
-    draw.text((4, size_px + 4), caption, fill=(0, 0, 0), font=_font(13))
     return np.asarray(canvas)
 
 
-def contact_sheet(images: Sequence[np.ndarray], columns: int = SHEET_COLUMNS, cell_px: int = 256,
-                  gap_px: int = 6) -> np.ndarray:
-    """Tile pictures (each scaled to fit ``cell_px`` x ``cell_px + CAPTION_PX``) on a white sheet, row-major."""
-    from PIL import Image
+def contact_sheet(images: Sequence[np.ndarray], captions: Sequence[str] | None = None,
+                  columns: int = SHEET_COLUMNS, cell_px: int = 256, gap_px: int = 6) -> np.ndarray:
+    """Pictures scaled to fit ``cell_px`` squares on a white sheet, row-major, each with its caption below
+    (drawn at a readable size whatever the picture's scale)."""
+    from PIL import Image, ImageDraw
 
     n = len(images)
     if n == 0:
@@ -106,11 +106,15 @@ def contact_sheet(images: Sequence[np.ndarray], columns: int = SHEET_COLUMNS, ce
     rows = math.ceil(n / cols)
     cell_h = cell_px + CAPTION_PX
     sheet = Image.new("RGB", (cols * (cell_px + gap_px) + gap_px, rows * (cell_h + gap_px) + gap_px), "white")
+    draw = ImageDraw.Draw(sheet)
     for i, arr in enumerate(images):
         im = Image.fromarray(np.asarray(arr, dtype=np.uint8))
-        im.thumbnail((cell_px, cell_h))
+        im.thumbnail((cell_px, cell_px))
         r, c = divmod(i, cols)
-        sheet.paste(im, (gap_px + c * (cell_px + gap_px), gap_px + r * (cell_h + gap_px)))
+        left, top = gap_px + c * (cell_px + gap_px), gap_px + r * (cell_h + gap_px)
+        sheet.paste(im, (left, top))
+        if captions is not None:
+            draw.text((left + 2, top + cell_px + 6), str(captions[i])[: cell_px // 7], fill=(0, 0, 0), font=_font(13))
     return np.asarray(sheet)
 
 
@@ -150,28 +154,32 @@ def write_contact_sheets(qc_dir: str, slides: Iterable[Mapping[str, Any]], per_s
                          storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """``<qc_dir>/contact_sheet_001.png`` ... from the per-slide pictures, in the given order.
 
-    ``slides``: rows with ``slide_id`` and optionally ``status``/``error``; a slide without a picture (failed
-    before tiling, or skipped as already embedded) gets a placeholder cell saying why.
+    ``slides``: rows with ``slide_id`` and optionally ``status``/``error``/``n_tiles``; a slide without a picture
+    (failed before tiling, or skipped as already embedded) gets a placeholder cell saying why.
     """
     from PIL import Image
 
     from .. import storage
 
-    cells = []
+    cells, captions = [], []
     for s in slides:
         sid = str(s["slide_id"])
+        status = str(s.get("status") or "")
         url = storage.join(qc_dir, f"{sid}.png")
         try:
-            cells.append(np.asarray(Image.open(io.BytesIO(storage.read_bytes(url, storage_options))).convert("RGB")))
+            pic = np.asarray(Image.open(io.BytesIO(storage.read_bytes(url, storage_options))).convert("RGB"))
+            cells.append(pic[:-CAPTION_PX] if pic.shape[0] > CAPTION_PX else pic)   # its own caption is too small
+            captions.append(f"{sid}: {s['n_tiles']} tiles" if s.get("n_tiles") is not None else sid)
         except FileNotFoundError:
-            status = s.get("status") or "no picture"
-            reason = str(s.get("error") or ("already embedded in an earlier run (no new picture)"
-                                            if status == "skipped" else status))
-            cells.append(failed_cell(f"{sid}: {status}", reason))
+            reason = str(s.get("error") or ("already embedded in an earlier run: no new picture"
+                                            if status == "skipped" else "no picture"))
+            cells.append(failed_cell(reason))
+            captions.append(f"{sid}: {status or 'no picture'}")
     urls = []
     for k in range(0, len(cells), per_sheet):
         url = storage.join(qc_dir, f"contact_sheet_{k // per_sheet + 1:03d}.png")
-        storage.write_bytes_atomic(url, _png(contact_sheet(cells[k:k + per_sheet])), storage_options)
+        sheet = contact_sheet(cells[k:k + per_sheet], captions[k:k + per_sheet])
+        storage.write_bytes_atomic(url, _png(sheet), storage_options)
         urls.append(url)
     return urls
 
