@@ -1,9 +1,9 @@
 """Preflight: check every manifest row's slide before Ray starts, so a bad path fails in seconds, not after an hour.
 
 * local paths (and ``file://``) must exist and be readable REGULAR files. A FIFO, a socket, a device or a plain
-  directory is rejected (opening a FIFO would block a worker forever). A directory is accepted only when a
-  registered directory check says a slide reader can open it (multi-file formats such as a DICOM WSI folder:
-  ``register_directory_check``).
+  directory is rejected (opening a FIFO would block a worker forever). A directory (or an S3 prefix) is
+  accepted only when the slide readers say it is one slide (``her2ray.slides.formats.is_slide_folder``: a DICOM
+  WSI series, a MIRAX/VMS/VMU folder) or another registered check does (``register_directory_check``).
 * ``s3://`` objects must exist: checked in bulk and in parallel (s3fs's event loop; one LIST per folder that
   holds many of the manifest's objects, else concurrent HEADs).
 * other remote schemes: ``fs.exists`` in a thread pool.
@@ -38,8 +38,15 @@ def register_directory_check(check: Callable[[str], bool]) -> None:
         _DIRECTORY_CHECKS.append(check)
 
 
+def _slide_folder(url: str) -> bool:
+    """The slide readers' own rule (``her2ray.slides.formats.is_slide_folder``: DICOM series, MIRAX/VMS/VMU)."""
+    from .slides.formats import is_slide_folder
+
+    return is_slide_folder(url)
+
+
 def directory_is_slide(path: str) -> bool:
-    for check in _DIRECTORY_CHECKS:
+    for check in (_slide_folder, *_DIRECTORY_CHECKS):
         try:
             if check(path):
                 return True
@@ -132,18 +139,18 @@ def check_s3(urls: Sequence[str], storage_options: Mapping[str, Any] | None = No
         if key in listed:
             for u in listed[key]:
                 result[u] = (f"cannot list {key}: {type(value).__name__}: {value}" if isinstance(value, Exception)
-                             else _object_reason(value.get(_s3_key(u))))
+                             else _object_reason(value.get(_s3_key(u)), u))
         else:
             result[key] = (f"cannot check: {type(value).__name__}: {value}" if isinstance(value, Exception)
-                           else _object_reason(value))
+                           else _object_reason(value, key))
     return result
 
 
-def _object_reason(entry: Mapping[str, Any] | None) -> str | None:
+def _object_reason(entry: Mapping[str, Any] | None, url: str = "") -> str | None:
     if entry is None:
         return "object not found"
     if entry.get("type") == "directory":
-        return "is a prefix (folder), not an object"
+        return None if url and directory_is_slide(url) else "is a prefix (folder), not an object or a slide folder"
     if int(entry.get("size") or 0) == 0:
         return "is empty (0 bytes)"
     return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -27,7 +28,9 @@ def test_local_paths_must_be_readable_regular_files(tmp_path, cmu_small_region, 
     assert "is a directory" in check_local(str(folder))
     assert "device" in check_local("/dev/null")
     assert "empty" in check_local(str(empty))
-    # a slide reader that recognises a folder (e.g. a DICOM WSI series) makes it acceptable
+    # a folder the slide readers recognise as one slide (a DICOM WSI series) passes; any other folder does not
+    dicom = Path(__file__).parent / "data" / "cmu1_small_dicom"
+    assert check_local(str(dicom)) is None
     monkeypatch.setattr(preflight, "_DIRECTORY_CHECKS", [])
     preflight.register_directory_check(lambda p: p.endswith("folder.svs"))
     assert check_local(str(folder)) is None
@@ -56,7 +59,7 @@ def test_s3_objects_checked_in_bulk(s3_bucket):
     result = check_paths(urls)
     expected = {u: None for u in many[:-2]}
     expected.update({many[-2]: "object not found", many[-1]: "object not found", urls[-4]: None,
-                     urls[-3]: "object not found", urls[-2]: "is a prefix (folder), not an object",
+                     urls[-3]: "object not found", urls[-2]: "is a prefix (folder), not an object or a slide folder",
                      urls[-1]: "is empty (0 bytes)"})
     assert result == expected
 

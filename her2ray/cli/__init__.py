@@ -30,6 +30,7 @@ STAGES: tuple[str, ...] = (
     "score",
     "evaluate",
     "heatmap",
+    "compare",
     "demo",
     "cohort",
     "doctor",

@@ -23,6 +23,8 @@ def add_parser(subparsers) -> None:
                    help="drop tiles whose tissue fraction is below this (default 0.25)")
     p.add_argument("--mpp-override", type=float, default=None,
                    help="the slide's level-0 microns per pixel, when the file lacks or misstates it")
+    p.add_argument("--mpp-from-magnification", action="store_true",
+                   help="opt-in: a slide with no MPP but an objective power gets 10 um / power (40x -> 0.25)")
     p.add_argument("--mask-png", default=None,
                    help="also write a QC picture: thumbnail + tissue outline (green) + kept tile grid (yellow)")
     p.add_argument("--config", default=None, help="YAML file with a 'tiling' section (flags win)")
@@ -54,9 +56,12 @@ def run(args: argparse.Namespace) -> int:
         reason = check_local(storage.local_path(args.slide))
         if reason is not None:
             raise (SlideNotFoundError if "not found" in reason else SlideReadError)(args.slide, reason)
-    with open_slide(args.slide, mpp_override=args.mpp_override, backend=args.backend) as reader:
+    with open_slide(args.slide, mpp_override=args.mpp_override, backend=args.backend,
+                    mpp_from_magnification=args.mpp_from_magnification) as reader:
         grid = plan_tiles(reader, cfg)
         mpp_source = reader.mpp_source
+        if reader.mpp_warning:
+            print(f"warning: {args.slide}: {reader.mpp_warning}")
         if args.mask_png:
             from ..tiling.qc import slide_qc_png
 

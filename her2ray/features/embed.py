@@ -43,7 +43,10 @@ class EmbedConfig(StageConfig):
     seed: int = Field(0, description="seed of the random-init weights (used only without weights)")
     batch_size: int | None = Field(None, ge=1, description="tiles per encoder batch; None = 1024 GPU / 64 CPU")
     read_workers: int | None = Field(None, ge=1, description="tile-reading threads; None = CPUs (max 8)")
-    slide_backend: str = "openslide"
+    slide_backend: str = Field("openslide", description="slide reader backend: 'openslide' or 'tiffslide'")
+    mpp_from_magnification: bool = Field(
+        False, description="opt-in: a slide with no MPP but an objective power gets 10 um / power (40x -> 0.25); "
+                           "recorded as mpp_source 'magnification' in each feature file")
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     stain_normalization: str | None = Field(
         None, description="None | 'macenko' | 'reinhard': normalise tiles before encoding (recorded per file)")
@@ -131,6 +134,15 @@ def _write_qc(reader, grid, cfg: EmbedConfig, sid: str) -> None:
         log.warning("QC picture of %s not written: %s", sid, exc)
 
 
+def _mpp_provenance(reader, slide_id: str) -> dict[str, Any]:
+    """Where the slide's MPP came from, the file's own MPP, and a warning when the manifest disagrees."""
+    info: dict[str, Any] = {"mpp_source": reader.mpp_source, "mpp_file": reader.native_mpp}
+    if reader.mpp_warning:
+        log.warning("slide %s: %s", slide_id, reader.mpp_warning)
+        info["mpp_warning"] = reader.mpp_warning
+    return info
+
+
 def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: str, *,
                 cache=None) -> dict[str, Any]:
     """Embed one manifest row (``slide_id``, ``path``, optional ``mpp``) into ``out_store``.
@@ -149,8 +161,9 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
         if cache is None and cfg.storage_options:
             cache = SlideCache(storage_options=cfg.storage_options)
         with open_slide(row["path"], mpp_override=_mpp_override(row), backend=cfg.slide_backend,
-                        cache=cache) as reader:
+                        cache=cache, mpp_from_magnification=cfg.mpp_from_magnification) as reader:
             grid = plan_tiles(reader, cfg.tiling, keep_mask=cfg.qc_dir is not None)
+            mpp_info = _mpp_provenance(reader, sid)
             mpp, level = grid.slide_mpp, grid.level
             if cfg.qc_dir:
                 _write_qc(reader, grid, cfg, sid)
@@ -176,7 +189,7 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
             tile_size_level0_px=float(grid.tile_size_level0_px),
             stain_normalization=None if normalizer is None else normalizer.name,
             extra={"tiling": cfg.tiling.to_dict(), "grid": grid.metadata(), "slide_path": str(row["path"]),
-                   "mpp_source": "override" if _mpp_override(row) is not None else "slide",
+                   **mpp_info,
                    "precision": encoder.precision, "device": str(encoder.device),
                    "random_weights": bool(encoder.random_weights)})
         table = build_feature_table(sid, grid.x, grid.y, grid.tissue_fraction, feats, meta)
