@@ -102,6 +102,14 @@ def meta_resume_key(meta: FeatureFileMeta) -> dict[str, Any]:
     return {**meta.settings_key(), "tiling": (meta.extra or {}).get("tiling")}
 
 
+def _torch_threads(device) -> int | None:
+    """Intra-op threads the encoder ran with on CPU (provenance only: features are bit-identical for any
+    count on one machine, see tests/test_reproducibility.py; None on GPU)."""
+    import torch
+
+    return int(torch.get_num_threads()) if str(device).startswith("cpu") else None
+
+
 def status_row(row: Mapping[str, Any], status: str, *, error: str | None = None, n_tiles: int = 0,
                mpp: float | None = None, level: int | None = None, seconds: float = 0.0,
                **timing: float) -> dict[str, Any]:
@@ -191,6 +199,7 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
             extra={"tiling": cfg.tiling.to_dict(), "grid": grid.metadata(), "slide_path": str(row["path"]),
                    **mpp_info,
                    "precision": encoder.precision, "device": str(encoder.device),
+                   "torch_threads": _torch_threads(encoder.device),
                    "random_weights": bool(encoder.random_weights)})
         table = build_feature_table(sid, grid.x, grid.y, grid.tissue_fraction, feats, meta)
         storage.write_parquet_atomic(table, feature_url(out_store, sid), cfg.storage_options)

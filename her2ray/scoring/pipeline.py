@@ -37,10 +37,12 @@ from ..config import StageConfig
 from ..errors import FeatureStoreError
 from ..features.schema import (CATALOG_FILE, FEATURES_DIR, USABLE_STATUSES, feature_ids, feature_url,
                                read_catalog)
-from ..labels import HER2_SCORES, PROB_COLUMNS
+from ..labels import HER2_SCORES, PROB_COLUMNS, UNCAL_PROB_COLUMNS
+from ..training.calibration import load_calibration
+from ..training.operating_points import load_operating_points
 from ..provenance import run_record, write_run_record
 from .checkpoints import ensemble_identity
-from .engine import ATTENTION_DIR, RESULT_SCHEMA, FoldEnsemble, rows_to_table, score_slide
+from .engine import ATTENTION_DIR, RESULT_SCHEMA, FoldEnsemble, result_schema, rows_to_table, score_slide
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ RUN_FILE = "run.json"
 
 #: Columns written to predictions.parquet/csv, in this order (carried manifest columns follow).
 PREDICTION_COLUMNS: tuple[str, ...] = (
-    "slide_id", *PROB_COLUMNS, "pred_score", "her2_low", "fold_std",
+    "slide_id", *PROB_COLUMNS, *UNCAL_PROB_COLUMNS, "pred_score", "her2_low", "fold_std",
     *(c.name for c in RESULT_SCHEMA if c.name.startswith("fold_std_")),
     "n_tiles", "n_tiles_used", "n_folds", "model_run_id", "model_sha256", "attention_url",
 )
@@ -119,7 +121,7 @@ class EnsembleScorer:
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         rows = [score_slide(self.ensemble, str(sid), str(url), out_dir=self.out_dir, attention=self.attention)
                 for sid, url in zip(batch["slide_id"], batch["feature_url"])]
-        return rows_to_table(rows)
+        return rows_to_table(rows, self.ensemble.schema)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -203,8 +205,9 @@ def run_ray_scoring(plan_todo: list[dict[str, str]], cfg: ScoreConfig, identity:
     t_ray = time.perf_counter()
     ensure_ray(cfg.address, log_to_driver=False)
     timing["ray_start_s"] = time.perf_counter() - t_ray
+    schema = result_schema(identity.get("flag_columns", ()))
     if not plan_todo:
-        return rows_to_table([])
+        return rows_to_table([], schema)
     n = len(plan_todo)
     # Blocks are the unit of parallelism and retry: about one batch per block, enough blocks to feed the pool.
     num_blocks = max(1, min(n, max(math.ceil(n / cfg.batch_slides), 4 * cfg.actors)))
@@ -238,8 +241,8 @@ def run_ray_scoring(plan_todo: list[dict[str, str]], cfg: ScoreConfig, identity:
     if work_started is not None:
         timing["scoring_s"] = time.perf_counter() - work_started
     if not parts:
-        return rows_to_table([])
-    return pa.concat_tables([p.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA) for p in parts])
+        return rows_to_table([], schema)
+    return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
 
 
 def _order_table(table: pa.Table, order: list[str]) -> pa.Table:
@@ -259,7 +262,8 @@ def build_outputs(results: pa.Table, plan: ScoringPlan) -> tuple[pa.Table, pa.Ta
     ok_mask = pc.equal(results.column("status"), "ok")
     ok = _order_table(results.filter(ok_mask), plan.order)
     bad = results.filter(pc.invert(ok_mask))
-    preds = ok.select(list(PREDICTION_COLUMNS))
+    flags = [c for c in results.column_names if c not in RESULT_SCHEMA.names]   # screen_* of the model run
+    preds = ok.select(list(PREDICTION_COLUMNS) + flags)
     if plan.carried is not None:
         preds = preds.join(plan.carried, keys="slide_id", join_type="left outer")
         preds = _order_table(preds, plan.order)
@@ -283,6 +287,8 @@ def score_cohort(cfg: ScoreConfig) -> ScoreSummary:
     """
     t0 = time.perf_counter()
     identity = ensemble_identity(cfg.model)           # fails fast on a wrong --model, before Ray starts
+    calibration, points = load_calibration(cfg.model), load_operating_points(cfg.model)
+    identity = {**identity, "calibration": calibration.method, "flag_columns": [op["column"] for op in points]}
     plan = plan_scoring(cfg.features, cfg.manifest)
     storage.makedirs(cfg.out)
     if cfg.attention:
@@ -317,6 +323,7 @@ def score_cohort(cfg: ScoreConfig) -> ScoreSummary:
                            class_counts=class_counts, n_her2_low=class_counts["1+"] + class_counts["2+"],
                            model=identity, timing=timing)
     record = run_record("score", cfg.to_dict(), model=identity, summary=summary.to_dict(),
+                        calibration=calibration.to_dict(), operating_points=points,
                         outputs={"predictions": PREDICTIONS_PARQUET, "predictions_csv": PREDICTIONS_CSV,
                                  "failed": FAILED_CSV, "attention": ATTENTION_DIR if cfg.attention else None})
     write_run_record(storage.join(cfg.out, RUN_FILE), record)
