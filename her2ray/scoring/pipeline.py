@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from pydantic import Field
 
-from .. import storage
+from .. import console, storage
 from ..ray_runtime import ensure_ray
 from ..config import StageConfig
 from ..errors import FeatureStoreError
@@ -88,12 +88,19 @@ class ScoreSummary:
     class_counts: dict[str, int]
     n_her2_low: int
     model: dict[str, Any] = field(default_factory=dict)
+    #: ray_start_s, actor_startup_s, scoring_s (see ``run_ray_scoring``)
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def startup_s(self) -> float:
+        return self.timing.get("ray_start_s", 0.0) + self.timing.get("actor_startup_s", 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "n_requested": self.n_requested, "n_scored": self.n_scored,
                 "n_failed": self.n_failed, "seconds": round(self.seconds, 3), "class_counts": self.class_counts,
                 "n_her2_low": self.n_her2_low, "model_run_id": self.model.get("run_id"),
-                "model_sha256": self.model.get("sha256")}
+                "model_sha256": self.model.get("sha256"),
+                "timing": {k: round(v, 3) for k, v in self.timing.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,11 +193,18 @@ def plan_scoring(store: str, manifest: str | None = None) -> ScoringPlan:
 # ----------------------------------------------------------------------------------------------------
 
 def run_ray_scoring(plan_todo: list[dict[str, str]], cfg: ScoreConfig, identity: dict[str, Any],
-                    on_batch=None) -> pa.Table:
-    """Score ``plan_todo`` on Ray Data; returns the result rows (``RESULT_SCHEMA``), unordered → sorted later."""
+                    on_batch=None, timing: dict[str, float] | None = None) -> pa.Table:
+    """Score ``plan_todo`` on Ray Data; returns the result rows (``RESULT_SCHEMA``), unordered → sorted later.
+
+    ``timing`` (filled in): ``ray_start_s``, ``actor_startup_s`` (actors up + fold models loaded until the first
+    batch began), ``scoring_s`` (first batch began -> last batch done).
+    """
     import ray
 
+    timing = {} if timing is None else timing
+    t_ray = time.perf_counter()
     ensure_ray(cfg.address, log_to_driver=False)
+    timing["ray_start_s"] = time.perf_counter() - t_ray
     schema = result_schema(identity.get("flag_columns", ()))
     if not plan_todo:
         return rows_to_table([], schema)
@@ -213,13 +227,19 @@ def run_ray_scoring(plan_todo: list[dict[str, str]], cfg: ScoreConfig, identity:
     saved_bars = ctx.enable_progress_bars
     if cfg.progress:
         ctx.enable_progress_bars = False        # our per-slide bar replaces Ray's per-operator bars
+    t_start, work_started = time.perf_counter(), None
     try:
         for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if work_started is None:   # the first batch's slides began this long before it arrived
+                work_started = time.perf_counter() - float(pc.sum(batch.column("seconds")).as_py() or 0.0)
+                timing["actor_startup_s"] = max(0.0, work_started - t_start)
             parts.append(batch)
             if on_batch is not None:
                 on_batch(batch)
     finally:
         ctx.enable_progress_bars = saved_bars
+    if work_started is not None:
+        timing["scoring_s"] = time.perf_counter() - work_started
     if not parts:
         return rows_to_table([], schema)
     return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
@@ -278,6 +298,7 @@ def score_cohort(cfg: ScoreConfig) -> ScoreSummary:
 
     bar = _progress(len(plan.todo), cfg.progress)
     counts = {"failed": 0}
+    timing: dict[str, float] = {}
 
     def on_batch(batch: pa.Table) -> None:
         counts["failed"] += int(pc.sum(pc.not_equal(batch.column("status"), "ok")).as_py() or 0)
@@ -286,7 +307,7 @@ def score_cohort(cfg: ScoreConfig) -> ScoreSummary:
             bar.set_postfix(failed=counts["failed"])
 
     try:
-        results = run_ray_scoring(plan.todo, cfg, identity, on_batch=on_batch)
+        results = run_ray_scoring(plan.todo, cfg, identity, on_batch=on_batch, timing=timing)
     finally:
         if bar is not None:
             bar.close()
@@ -300,7 +321,7 @@ def score_cohort(cfg: ScoreConfig) -> ScoreSummary:
     summary = ScoreSummary(out=cfg.out, n_requested=len(plan.order), n_scored=preds.num_rows,
                            n_failed=failed.num_rows, seconds=time.perf_counter() - t0,
                            class_counts=class_counts, n_her2_low=class_counts["1+"] + class_counts["2+"],
-                           model=identity)
+                           model=identity, timing=timing)
     record = run_record("score", cfg.to_dict(), model=identity, summary=summary.to_dict(),
                         calibration=calibration.to_dict(), operating_points=points,
                         outputs={"predictions": PREDICTIONS_PARQUET, "predictions_csv": PREDICTIONS_CSV,
@@ -316,7 +337,7 @@ def _progress(total: int, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="scoring slides", unit="slide")
+    return tqdm(total=total, desc="scoring slides", unit="slide", file=console.stderr())
 
 
 __all__ = ["EnsembleScorer", "FAILED_CSV", "PREDICTIONS_CSV", "PREDICTIONS_PARQUET", "PREDICTION_COLUMNS",

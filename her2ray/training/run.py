@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .. import storage
+from .. import console, storage
 from ..errors import ConfigError, FeatureStoreError, Her2RayError, ManifestError
 from ..features.schema import (META_KEY, RUN_FILE, FeatureFileMeta, feature_ids,
                                feature_url, is_usable, read_catalog)
@@ -172,9 +171,9 @@ def prepare_inputs(features: str, manifest: str, cfg: TrainConfig, test_manifest
 def report_excluded(excluded: list[dict[str, Any]]) -> None:
     if not excluded:
         return
-    print(f"her2ray train: excluded {len(excluded)} slide(s):", file=sys.stderr)
+    print(f"her2ray train: excluded {len(excluded)} slide(s):", file=console.stderr())
     for e in excluded:
-        print(f"  {e['slide_id']} ({e['set']}): {e['reason']}", file=sys.stderr)
+        print(f"  {e['slide_id']} ({e['set']}): {e['reason']}", file=console.stderr())
 
 
 # --------------------------------------------------------------------------------------- splits / specs
@@ -391,6 +390,21 @@ def write_outputs(out: str, cfg: TrainConfig, split_rows, results: dict[int, dic
     return metrics
 
 
+def train_timing(results: dict[int, dict[str, Any]], t0: float, t_ray: float, t_folds: float, t_end: float
+                 ) -> dict[str, float]:
+    """Where the wall time went (epoch seconds in, seconds out): ``prepare_s`` (inputs, splits), ``ray_start_s``,
+    ``fold_startup_s`` (Ray Train workers up until the first fold's loop began), ``training_s`` (first fold
+    loop began -> last fold done), ``outputs_s`` (metrics, plots, report)."""
+    ran = [r for r in results.values() if not r.get("skipped")]
+    timing = {"prepare_s": t_ray - t0, "ray_start_s": t_folds - t_ray}
+    if ran:
+        first = min(float(r["started_at"]) for r in ran)
+        last = max(float(r["finished_at"]) for r in ran)
+        timing.update(fold_startup_s=max(0.0, first - t_folds), training_s=max(0.0, last - first),
+                      outputs_s=max(0.0, t_end - last))
+    return {k: round(v, 2) for k, v in timing.items()}
+
+
 # --------------------------------------------------------------------------------------- entry point
 def train_cv(features: str, manifest: str, out: str, cfg: TrainConfig, test_manifest: str | None = None,
              local: bool = False) -> dict[str, Any]:
@@ -414,7 +428,9 @@ def train_cv(features: str, manifest: str, out: str, cfg: TrainConfig, test_mani
                     "n_test": len(inputs["test"]), "excluded": inputs["excluded"], "folds": [s.fold for s in specs]}
     write_run_record(storage.join(out, "run.json"), run_record("train", cfg.to_dict(), status="running",
                                                                **record_extra))
+    t_ray = time.time()
     started_ray = False if local else ensure_ray(cfg.address)
+    t_folds = time.time()
     try:
         if not local:
             check_cluster_resources(cfg)
@@ -438,7 +454,8 @@ def train_cv(features: str, manifest: str, out: str, cfg: TrainConfig, test_mani
                "val_auc_mean": metrics["val"]["auc_macro_ovr"]["mean"],
                "oof_auc": metrics["oof"]["auc_macro_ovr"],
                "test_auc": (metrics["test_ensemble"] or {}).get("auc_macro_ovr"),
-               "excluded": inputs["excluded"], "seconds": time.time() - t0}
+               "excluded": inputs["excluded"], "seconds": time.time() - t0,
+               "timing": train_timing(results, t0, t_ray, t_folds, time.time())}
     write_run_record(storage.join(out, "run.json"), run_record(
         "train", cfg.to_dict(), status="done", summary=summary, **record_extra))
     return summary
