@@ -30,7 +30,7 @@ import numpy as np
 from ..errors import SlideError
 from ..tiling import TileGrid
 from ..tiling.jpeg_payload import JpegLayout, jpeg_layout, jpeg_payloads
-from .embed import EmbedConfig, _mpp_override, _mpp_provenance
+from .embed import EmbedConfig, _mpp_override, _mpp_provenance, _write_qc
 
 TRANSPORTS = ("auto", "jpeg", "rgb")
 KIND_RGB, KIND_JPEG, KIND_ERROR = "rgb", "jpeg", "error"
@@ -100,9 +100,12 @@ def plan_slide(row: Mapping[str, Any], cfg: EmbedConfig, *, transport: str = "au
     try:
         with open_slide(row["path"], mpp_override=row["mpp"], backend=cfg.slide_backend,
                         cache=_slide_cache(cfg), mpp_from_magnification=cfg.mpp_from_magnification) as reader:
-            grid = plan_tiles(reader, cfg.tiling, keep_mask=False)
+            grid = plan_tiles(reader, cfg.tiling, keep_mask=cfg.qc_dir is not None)
             layout = jpeg_layout(reader, grid)
             mpp_info = _mpp_provenance(reader, row["slide_id"])
+            if cfg.qc_dir:                                  # the slide's QC picture, drawn where it is planned
+                _write_qc(reader, grid, cfg, row["slide_id"])
+                grid.mask = None
         kind, src_px = choose_kind(grid, layout, transport, cfg.stain_normalization is not None)
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop a cohort; the reason is kept
         return [ReadUnit(row=row, n_tiles=0, error=_failure(row, exc), seconds=time.perf_counter() - t0)]

@@ -92,8 +92,12 @@ def provenance_of(cfg: EmbedConfig, device: str, forward_rows: int) -> dict[str,
 def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, actors: dict[str, Any],
                   encoder_settings: Mapping[str, Any], *, progress, transport: str = "auto",
                   num_readers: int | None = None, max_inflight_mb: float | None = None,
-                  unit_tiles: int = 4096) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Run the pipelined engine over ``todo``; (status rows by slide id, stage statistics)."""
+                  unit_tiles: int = 4096, timing: dict[str, float] | None = None
+                  ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Run the pipelined engine over ``todo``; (status rows by slide id, stage statistics).
+
+    ``timing`` (the run summary's) gets ``actor_startup_s`` (start -> first encoded tiles back) and ``embed_s``
+    (first encoded tiles -> last slide committed)."""
     from .assemble import SlideAssembler
     from .pipeline import _batch_items
 
@@ -157,6 +161,9 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
     finally:
         ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.execution_options.resource_limits = saved
     end = time.perf_counter()
+    if timing is not None and first is not None:
+        timing["actor_startup_s"] = first - t0
+        timing["embed_s"] = end - first
     rows_ok = [r for r in results.values() if r["status"] == "ok"]
     stats.update({
         "seconds": round(end - t0, 3), "first_output_s": None if first is None else round(first - t0, 3),
