@@ -29,7 +29,10 @@ def provenance(precision: str, device_type: str, forward_rows: int) -> dict[str,
 
 
 def encoder_provenance(loop: EncodeLoop) -> dict[str, Any]:
-    return provenance(loop.encoder.precision, loop.device.type, loop.rows)
+    from .embed import _torch_threads
+
+    return {**provenance(loop.encoder.precision, loop.device.type, loop.rows),
+            "torch_threads": _torch_threads(loop.device)}
 
 
 def encode_chunk(loop: EncodeLoop, cols: Mapping[str, Any], tile_px: int) -> dict[str, Any]:

@@ -78,7 +78,8 @@ class EncodeActor:
         return out
 
 
-def provenance_of(cfg: EmbedConfig, device: str, forward_rows: int) -> dict[str, Any]:
+def provenance_of(cfg: EmbedConfig, device: str, forward_rows: int, torch_threads: int | None = None
+                  ) -> dict[str, Any]:
     """What the driver's assembler records per file about the actors' encoder (device, precision, decoder)."""
     import torch
 
@@ -86,7 +87,8 @@ def provenance_of(cfg: EmbedConfig, device: str, forward_rows: int) -> dict[str,
     from .fast_engine import provenance
 
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    return provenance(cfg.precision or default_precision(torch.device(device_type)), device_type, forward_rows)
+    prov = provenance(cfg.precision or default_precision(torch.device(device_type)), device_type, forward_rows)
+    return {**prov, "torch_threads": torch_threads if device_type == "cpu" else None}
 
 
 def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, actors: dict[str, Any],
@@ -122,7 +124,8 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
             object_store_memory=float(max_inflight_mb) * 1024**2)
     stats: dict[str, Any] = {"engine": "pipelined", "readers": readers, "planners": planners,
                              "forward_rows": forward_rows, "transport": transport}
-    assembler = SlideAssembler(todo, out, cfg, encoder_settings, provenance_of(cfg, device, forward_rows))
+    assembler = SlideAssembler(todo, out, cfg, encoder_settings, provenance_of(cfg, device, forward_rows,
+                                                                                 actors.get("torch_threads")))
     results: dict[str, dict[str, Any]] = {}
     loop_stats: dict[str, dict] = {}
     t0 = time.perf_counter()
