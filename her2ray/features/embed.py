@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from .. import storage
+from ..watchdog import beat
 from ..config import StageConfig
 from ..errors import SlideError
 from ..tiling import TilingConfig
@@ -136,8 +137,10 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
         normalizer = cfg.stain_normalizer()
         if cache is None and cfg.storage_options:
             cache = SlideCache(storage_options=cfg.storage_options)
+        beat("opening slide")
         with open_slide(row["path"], mpp_override=_mpp_override(row), backend=cfg.slide_backend,
                         cache=cache) as reader:
+            beat("planning tissue tiles")
             grid = plan_tiles(reader, cfg.tiling, keep_mask=False)
             mpp, level = grid.slide_mpp, grid.level
             feats = np.empty((len(grid), encoder.dim), dtype=np.float16)
@@ -152,6 +155,7 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
                 if item is None:
                     break
                 idx, tiles = item
+                beat("reading and encoding tiles")
                 if normalizer is not None:
                     tiles = normalizer(tiles)
                 feats[idx] = encoder.embed_tiles(tiles)
@@ -165,6 +169,7 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
                    "mpp_source": "override" if _mpp_override(row) is not None else "slide",
                    "precision": encoder.precision, "device": str(encoder.device),
                    "random_weights": bool(encoder.random_weights)})
+        beat("writing the feature file")
         table = build_feature_table(sid, grid.x, grid.y, grid.tissue_fraction, feats, meta)
         storage.write_parquet_atomic(table, feature_url(out_store, sid), cfg.storage_options)
         return status_row(row, STATUS_OK, n_tiles=len(grid), mpp=mpp, level=level,
