@@ -75,13 +75,14 @@ def slide_timeout_s(path: str | None, cfg: GuardConfig, storage_options: Mapping
 class Watchdog:
     """A daemon thread that ends this process when the watched slide makes no progress in time.
 
-    ``on_timeout(slide_id, reason)`` runs first (it records the failure somewhere the next attempt and the
-    driver can see), then the process exits with ``WATCHDOG_EXIT_CODE``.
+    The ``on_timeout(slide_id, reason)`` given to ``watch`` runs first (it records the failure where the next
+    attempt and the driver can see it), then the process exits with ``WATCHDOG_EXIT_CODE``. One per process
+    (``process_watchdog``); one slide watched at a time.
     """
 
-    def __init__(self, on_timeout: Callable[[str, str], None], *, poll_s: float = 0.25,
-                 exit_process: Callable[[int], None] = os._exit):
-        self._on_timeout, self._poll_s, self._exit = on_timeout, poll_s, exit_process
+    def __init__(self, *, poll_s: float = 0.25, exit_process: Callable[[int], None] = os._exit):
+        self._on_timeout: Callable[[str, str], None] | None = None
+        self._poll_s, self._exit = poll_s, exit_process
         self._lock = threading.Lock()
         self._slide: str | None = None
         self._timeout = 0.0
@@ -91,10 +92,12 @@ class Watchdog:
         self._thread.start()
 
     @contextlib.contextmanager
-    def watch(self, slide_id: str, timeout_s: float, stage: str = "starting"):
+    def watch(self, slide_id: str, timeout_s: float, on_timeout: Callable[[str, str], None] | None = None,
+              stage: str = "starting"):
         global _ACTIVE
         with self._lock:
             self._slide, self._timeout, self._stage = slide_id, float(timeout_s), stage
+            self._on_timeout = on_timeout
             self._deadline = time.monotonic() + float(timeout_s)
         previous, _ACTIVE = _ACTIVE, self
         try:
@@ -116,19 +119,31 @@ class Watchdog:
             time.sleep(self._poll_s)
             with self._lock:
                 expired = self._slide is not None and time.monotonic() > self._deadline
-                slide, timeout, stage = self._slide, self._timeout, self._stage
+                slide, timeout, stage, callback = self._slide, self._timeout, self._stage, self._on_timeout
             if not expired:
                 continue
             reason = f"timed out after {timeout:.0f} s while {stage}"
             log.error("slide %s %s: recycling this worker", slide, reason)
             try:
-                self._on_timeout(str(slide), reason)
+                if callback is not None:
+                    callback(str(slide), reason)
             finally:
                 self._exit(WATCHDOG_EXIT_CODE)
             return
 
 
 _ACTIVE: Watchdog | None = None
+_PROCESS: Watchdog | None = None
+_PROCESS_LOCK = threading.Lock()
+
+
+def process_watchdog() -> Watchdog:
+    """This process's watchdog (started on first use)."""
+    global _PROCESS
+    with _PROCESS_LOCK:
+        if _PROCESS is None:
+            _PROCESS = Watchdog()
+        return _PROCESS
 
 
 def beat(stage: str | None = None) -> None:
@@ -196,7 +211,7 @@ class Guard:
 
     def __init__(self, ledger, cfg: GuardConfig, storage_options: Mapping[str, Any] | None = None):
         self.ledger, self.cfg, self.storage_options = ledger, cfg, storage_options
-        self.watchdog = Watchdog(self._record_timeout)
+        self.watchdog = process_watchdog()
 
     def _record_timeout(self, slide_id: str, reason: str) -> None:
         if self.ledger is not None:
@@ -218,7 +233,8 @@ class Guard:
         if failure is not None:
             row = failed_row(failure)
         else:
-            with self.watchdog.watch(slide_id, slide_timeout_s(path, self.cfg, self.storage_options)):
+            timeout = slide_timeout_s(path, self.cfg, self.storage_options)
+            with self.watchdog.watch(slide_id, timeout, self._record_timeout):
                 row = work()
         if self.ledger is not None:
             self.ledger.finish.remote(slide_id)
@@ -241,5 +257,5 @@ def ray_task_options(cfg: GuardConfig) -> dict[str, Any]:
 
 
 __all__ = ["DEFAULT_MAX_CRASHES", "DEFAULT_SLIDE_TIMEOUT_S", "Guard", "GuardConfig", "PLUGIN_ENV", "SECONDS_PER_GIB",
-           "SlideLedger", "Watchdog", "beat", "ledger_report", "load_plugins", "make_ledger", "missing_reason",
+           "SlideLedger", "Watchdog", "beat", "process_watchdog", "ledger_report", "load_plugins", "make_ledger", "missing_reason",
            "ray_task_options", "slide_timeout_s"]

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except Her2RayError as exc:
         print(f"her2ray {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 if __name__ == "__main__":  # pragma: no cover

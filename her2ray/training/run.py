@@ -31,6 +31,7 @@ from ..provenance import run_record, write_run_record
 from ..ray_runtime import ensure_ray
 from . import checkpoints as ck
 from .config import TrainConfig
+from .fold_check import check_fold_counts
 from .loop import FoldSpec
 from .splits import SPLITS_FILE, TEST_FOLD, assign_folds, read_splits, write_splits
 
@@ -43,6 +44,8 @@ RESOURCE_KEYS = {"address", "cpus_per_fold", "gpus_per_fold", "max_concurrent_fo
 
 class TrainingFailedError(Her2RayError):
     """One or more folds failed; finished folds are kept and a rerun of the same command resumes."""
+
+    exit_code = 1
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -160,6 +163,7 @@ def prepare_inputs(features: str, manifest: str, cfg: TrainConfig, test_manifest
     excluded += ex1 + ex2
     if not cv:
         raise FeatureStoreError(f"{features}: no usable training slide (excluded {len(excluded)})")
+    check_fold_counts(cv, cfg.folds, cfg.split_by)      # before Ray starts, with counts per HER2 score
     prov = feature_provenance(features, [r["slide_id"] for r in cv + test])
     return {"cv": cv, "test": test, "excluded": excluded, "provenance": prov}
 
@@ -229,22 +233,12 @@ def build_fold_specs(out: str, split_rows: list[dict[str, Any]], features: str, 
 
 # --------------------------------------------------------------------------------------- ray
 def check_cluster_resources(cfg: TrainConfig) -> None:
-    """Fail fast instead of waiting forever for a GPU/CPU share the cluster does not have.
+    """Fail fast instead of waiting forever: one fold worker must fit ONE live node, or a node type the
+    cluster's autoscaler can add (``her2ray.resources``)."""
+    from ..resources import check_fits, cluster_shapes
 
-    Only for a local Ray: a remote autoscaling cluster may add nodes on demand, so there we only warn.
-    """
-    import ray
-
-    have = ray.cluster_resources()
-    need = {"CPU": cfg.cpus_per_fold, "GPU": cfg.gpus_per_fold}
-    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > 0 and have.get(k, 0.0) < v}
-    if not short:
-        return
-    msg = "; ".join(f"a fold needs {k}={v} but the cluster has {h}" for k, (v, h) in short.items())
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
-        log.warning("%s (waiting for the autoscaler)", msg)
-        return
-    raise ConfigError(f"{msg}: lower --cpus-per-fold/--gpus-per-fold or use a cluster (--address)")
+    check_fits({"CPU": cfg.cpus_per_fold, "GPU": cfg.gpus_per_fold}, cluster_shapes(), what="a training fold",
+               hint="Lower --cpus-per-fold / --gpus-per-fold, or use a cluster with such a node (--address).")
 
 
 # --------------------------------------------------------------------------------------- outputs
