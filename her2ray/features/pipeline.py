@@ -26,9 +26,11 @@ import numpy as np
 import pyarrow as pa
 
 from .. import resources, storage, watchdog
+from ..heartbeat import RunHeartbeat
 from ..ray_runtime import ensure_ray
 from ..provenance import run_record
 from . import catalog
+from .lease import StoreLease
 from .embed import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, EmbedConfig, embed_slide, load_engine_encoder,
                     resume_key, status_row)
 from .schema import FEATURES_DIR, RUN_FILE
@@ -166,12 +168,26 @@ def plan_actors(node: Mapping[str, float] | Sequence[resources.NodeShape], n_tod
                                     num_cpus_per_actor=num_cpus_per_actor)
 
 
-def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, *, address: str | None = None,
-                 num_actors: int | None = None, num_gpus_per_actor: float | None = None,
-                 num_cpus_per_actor: float | None = None, overwrite: bool = False, progress: bool = True,
-                 manifest: str | None = None, slide_timeout: float | None = None,
-                 max_worker_crashes: int | None = None) -> EmbedSummary:
+def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, *,
+                 lease_ttl_s: float | None = None, **options: Any) -> EmbedSummary:
     """Embed every manifest row not already done into the store ``out`` (local folder or s3:// prefix).
+
+    Holds the store's lease (``features/lease.py``: a second live run on the same store is refused with
+    ``StoreBusyError``) for the whole run; see ``_embed_locked`` for the rest.
+    """
+    storage.makedirs(storage.join(out, FEATURES_DIR))
+    kwargs = {} if lease_ttl_s is None else {"ttl_s": float(lease_ttl_s)}
+    with StoreLease(out, command="embed", storage_options=cfg.storage_options, **kwargs) as lease:
+        catalog.remove_stray_temp_files(out, min_age_s=lease.ttl_s)
+        return _embed_locked(rows, out, cfg, lease=lease, **options)
+
+
+def _embed_locked(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, *, lease: StoreLease,
+                  address: str | None = None, num_actors: int | None = None,
+                  num_gpus_per_actor: float | None = None, num_cpus_per_actor: float | None = None,
+                  overwrite: bool = False, progress: bool = True, manifest: str | None = None,
+                  slide_timeout: float | None = None, max_worker_crashes: int | None = None) -> EmbedSummary:
+    """The run itself, under the store lease.
 
     Writes ``features/<slide_id>.parquet`` (by the actors), then ``slides.parquet`` and ``run.json``.
     Returns an ``EmbedSummary``; per-slide failures are in it (and in the catalog), never raised.
@@ -179,8 +195,6 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
     t0 = time.perf_counter()
     so = cfg.storage_options
     rows = [dict(r) for r in rows]
-    storage.makedirs(storage.join(out, FEATURES_DIR))
-    catalog.remove_stray_temp_files(out)
 
     # The encoder's identity (weights SHA-256) is part of the resume key; loading it here also fails fast on
     # bad --encoder/--weights before any worker starts.
@@ -199,31 +213,23 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
     record = run_record("embed", cfg.to_dict(), encoder=identity, resume_key=key, manifest=manifest,
                         status="running", n_slides=len(rows))
     run_url = storage.join(out, RUN_FILE)
-    _write_run(run_url, record, so)
+    heart = RunHeartbeat(run_url, {**record, "lease_owner": lease.run_id}, so)
 
     results: dict[str, dict[str, Any]] = {}
     actors: dict[str, Any] = {}
-    if plan.todo:
-        import ray
-
-        ensure_ray(address, log_to_driver=False)
-        shapes = resources.cluster_shapes()
-        log.info("Ray nodes: %s", "; ".join(s.describe() for s in shapes))
-        actors = plan_actors(shapes, len(plan.todo), num_actors=num_actors,
-                             num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor)
-        resources.check_fits(resources.actor_request(actors), shapes, what="an embed actor",
-                             hint="Lower --num-cpus-per-actor / --num-gpus-per-actor, or add a bigger node.")
-        guard = watchdog.GuardConfig(
-            timeout_s=watchdog.DEFAULT_SLIDE_TIMEOUT_S if slide_timeout is None else float(slide_timeout),
-            max_crashes=watchdog.DEFAULT_MAX_CRASHES if max_worker_crashes is None else int(max_worker_crashes))
-        results = _run_actors(ray, plan.todo, out, cfg, actors, progress, guard)
-
+    with heart:
+        if plan.todo:
+            results, actors = _embed_todo(plan.todo, out, cfg, address=address, num_actors=num_actors,
+                                          num_gpus_per_actor=num_gpus_per_actor,
+                                          num_cpus_per_actor=num_cpus_per_actor, progress=progress,
+                                          slide_timeout=slide_timeout, max_worker_crashes=max_worker_crashes)
     statuses = list(plan.skipped)
     for r in plan.todo:
         statuses.append(results.get(r["slide_id"]) or status_row(
             r, STATUS_FAILED, error="no result from the worker (process crashed or the block errored; "
                                     "see the Ray worker logs)"))
     table = catalog.build_catalog(rows, statuses)
+    lease.check()                     # never commit the catalog after another run took the store over
     catalog_url = catalog.write_catalog(out, table, so)
     counts = {s: 0 for s in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)}
     for s in statuses:
@@ -236,8 +242,28 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
                 if s["status"] == STATUS_FAILED],
         encoder=identity, actors={k: v for k, v in actors.items() if v is not None},
         catalog_url=catalog_url, run_url=run_url)
-    _write_run(run_url, {**record, "status": "finished", "summary": summary.to_dict()}, so)
+    _write_run(run_url, heart.final(status="finished", summary=summary.to_dict()), so)
     return summary
+
+
+def _embed_todo(todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, *, address: str | None,
+                num_actors: int | None, num_gpus_per_actor: float | None, num_cpus_per_actor: float | None,
+                progress: bool, slide_timeout: float | None, max_worker_crashes: int | None
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Ray part of a run: size actors per node (fail fast when none fits), run them under the watchdog."""
+    import ray
+
+    ensure_ray(address, log_to_driver=False)
+    shapes = resources.cluster_shapes()
+    log.info("Ray nodes: %s", "; ".join(s.describe() for s in shapes))
+    actors = plan_actors(shapes, len(todo), num_actors=num_actors,
+                         num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor)
+    resources.check_fits(resources.actor_request(actors), shapes, what="an embed actor",
+                         hint="Lower --num-cpus-per-actor / --num-gpus-per-actor, or add a bigger node.")
+    guard = watchdog.GuardConfig(
+        timeout_s=watchdog.DEFAULT_SLIDE_TIMEOUT_S if slide_timeout is None else float(slide_timeout),
+        max_crashes=watchdog.DEFAULT_MAX_CRASHES if max_worker_crashes is None else int(max_worker_crashes))
+    return _run_actors(ray, todo, out, cfg, actors, progress, guard), actors
 
 
 def _write_run(url: str, record: dict[str, Any], storage_options: Mapping[str, Any] | None) -> None:

@@ -27,6 +27,7 @@ from ..features.schema import (META_KEY, RUN_FILE, FeatureFileMeta, feature_ids,
                                feature_url, is_usable, read_catalog)
 from ..labels import NUM_CLASSES, PROB_COLUMNS, parse_her2_score, score_name
 from ..manifest import load_manifest
+from ..heartbeat import RunHeartbeat
 from ..provenance import run_record, write_run_record
 from ..ray_runtime import ensure_ray
 from . import checkpoints as ck
@@ -372,21 +373,22 @@ def train_cv(features: str, manifest: str, out: str, cfg: TrainConfig, test_mani
                     "encoder": prov["encoder"], "feature_settings": prov["feature_settings"],
                     "feature_store_run": prov["feature_store_run"], "n_cv": len(inputs["cv"]),
                     "n_test": len(inputs["test"]), "excluded": inputs["excluded"], "folds": [s.fold for s in specs]}
-    write_run_record(storage.join(out, "run.json"), run_record("train", cfg.to_dict(), status="running",
-                                                               **record_extra))
-    started_ray = False if local else ensure_ray(cfg.address)
-    try:
-        if not local:
-            check_cluster_resources(cfg)
-        results, errors = run_folds(specs, storage.join(out, ck.FOLDS_DIR), cfg.max_concurrent_folds, local)
-    finally:
-        if started_ray:
-            import ray
+    heart = RunHeartbeat(storage.join(out, "run.json"), run_record("train", cfg.to_dict(), status="running",
+                                                                    **record_extra))
+    with heart:                       # run.json: start, host, pid + a heartbeat, so a dead run is visible
+        started_ray = False if local else ensure_ray(cfg.address)
+        try:
+            if not local:
+                check_cluster_resources(cfg)
+            results, errors = run_folds(specs, storage.join(out, ck.FOLDS_DIR), cfg.max_concurrent_folds, local)
+        finally:
+            if started_ray:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     if errors:
-        write_run_record(storage.join(out, "run.json"), run_record(
-            "train", cfg.to_dict(), status="failed", fold_errors=errors, **record_extra))
+        write_run_record(storage.join(out, "run.json"), heart.final(**run_record(
+            "train", cfg.to_dict(), status="failed", fold_errors=errors, **record_extra)))
         raise TrainingFailedError(
             f"{len(errors)} fold(s) failed ({', '.join(f'fold {k}: {v}' for k, v in sorted(errors.items()))}); "
             f"{len(results)} finished. Rerun the same command to resume.")
@@ -399,6 +401,6 @@ def train_cv(features: str, manifest: str, out: str, cfg: TrainConfig, test_mani
                "oof_auc": metrics["oof"]["auc_macro_ovr"],
                "test_auc": (metrics["test_ensemble"] or {}).get("auc_macro_ovr"),
                "excluded": inputs["excluded"], "seconds": time.time() - t0}
-    write_run_record(storage.join(out, "run.json"), run_record(
-        "train", cfg.to_dict(), status="done", summary=summary, **record_extra))
+    write_run_record(storage.join(out, "run.json"), heart.final(**run_record(
+        "train", cfg.to_dict(), status="done", summary=summary, **record_extra)))
     return summary
