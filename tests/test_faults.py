@@ -97,3 +97,56 @@ def test_sizing_uses_the_largest_node_not_the_cluster_total():
     resources.check_fits({"GPU": 4}, mixed + [resources.NodeShape("p4", 96, 8, can_add=True)], what="x", hint="")
     with pytest.raises(resources.ResourceFitError, match="GPU=4"):
         resources.check_fits({"GPU": 4}, mixed, what="x", hint="")
+
+
+def test_kill_9_of_the_embed_driver_then_rerun_embeds_every_slide_exactly_once(ray_session, tmp_path, drill_slides,
+                                                                                tiny_encoder):
+    """The driver dies mid-run (kill -9) while one slide is still in flight: its lease and run.json stay behind;
+    the rerun takes the lease over at once, keeps the finished slide and embeds the rest once."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    from her2ray.features.pipeline import embed_slides
+    from her2ray.heartbeat import liveness
+
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame([{"slide_id": "good", "path": drill_slides["good"]},
+                  {"slide_id": "slow", "path": drill_slides["hang"]}]).to_csv(manifest, index=False)
+    out = tmp_path / "store"
+    env = {**os.environ, watchdog.PLUGIN_ENV: "her2ray.drills",
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.dirname(__file__)), os.environ.get("PYTHONPATH", "")])}
+    address = ray_session.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from her2ray.cli import main; sys.exit(main())",
+                             "embed", "--manifest", str(manifest), "--out", str(out), "--encoder", "open_clip",
+                             "--weights", tiny_encoder, "--address", address, "--num-cpus-per-actor", "1",
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / "features" / "good.parquet").exists():
+            assert proc.poll() is None and time.time() < deadline, "driver ended before the drill"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lease = json.loads((out / "_lease.json").read_text())
+    assert lease["pid"] == proc.pid                                   # left behind by the dead driver
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    assert not (out / "slides.parquet").exists()
+    good_rows = pq.read_table(out / "features" / "good.parquet").num_rows
+
+    summary = embed_slides([{"slide_id": "good", "path": drill_slides["good"]},
+                            {"slide_id": "slow", "path": drill_slides["hang"]}], str(out),
+                           EmbedConfig(encoder="open_clip", weights=tiny_encoder), num_cpus_per_actor=1,
+                           progress=False)
+    assert summary.counts == {"ok": 1, "skipped": 1, "failed": 0}
+    assert sorted(os.listdir(out / "features")) == ["good.parquet", "slow.parquet"]   # no temp files, no doubles
+    assert pq.read_table(out / "features" / "slow.parquet").num_rows == good_rows     # same pixels, same tiles
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "finished" and liveness(run) == "finished" and run["pid"] == os.getpid()
+    assert not (out / "_lease.json").exists()
