@@ -68,3 +68,7 @@ class NoTissueError(SlideError):
 
 class FeatureStoreError(Her2RayError):
     """A feature file or slide catalog is missing, inconsistent or made with other settings."""
+
+
+class SlideTooLargeError(SlideReadError):
+    """The slide's level 0 is too large to process (e.g. an unpyramided scan); the message names its size."""

@@ -55,6 +55,23 @@ def cmu_small_region(shared_data) -> Path:
     return shared_data / "slides" / "CMU-1-Small-Region.svs"
 
 
+TINY_ENCODER_CFG = {"embed_dim": 16, "quick_gelu": True,
+                    "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16}}
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> str:
+    """A tiny open_clip-format image tower (random weights, fixed seed) in a folder."""
+    import torch
+    from open_clip.model import _build_vision_tower
+
+    from her2ray.encoders import write_open_clip_dir
+
+    torch.manual_seed(7)
+    tower = _build_vision_tower(TINY_ENCODER_CFG["embed_dim"], TINY_ENCODER_CFG["vision_cfg"], quick_gelu=True)
+    return write_open_clip_dir(tower.state_dict(), TINY_ENCODER_CFG, str(tmp_path_factory.mktemp("tiny_enc")))
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One real local Ray for the whole test session (2 CPUs, no dashboard)."""

@@ -20,27 +20,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from her2ray import storage
-from her2ray.encoders import load_encoder, write_open_clip_dir
+from her2ray.encoders import load_encoder
 from her2ray.features import catalog
 from her2ray.features.embed import EmbedConfig, embed_slide, load_engine_encoder, resume_key
 from her2ray.features.pipeline import plan_actors
 from her2ray.features.schema import feature_url, read_slide_features
 from her2ray.slides import open_slide
 from her2ray.tiling import TilingConfig, plan_tiles, read_tiles
-
-TINY_CFG = {"embed_dim": 16, "quick_gelu": True,
-            "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16}}
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory) -> str:
-    """A tiny open_clip-format image tower (random weights, fixed seed) in a folder."""
-    import torch
-    from open_clip.model import _build_vision_tower
-
-    torch.manual_seed(7)
-    tower = _build_vision_tower(TINY_CFG["embed_dim"], TINY_CFG["vision_cfg"], quick_gelu=True)
-    return write_open_clip_dir(tower.state_dict(), TINY_CFG, str(tmp_path_factory.mktemp("tiny_enc")))
 
 
 @pytest.fixture(scope="module")

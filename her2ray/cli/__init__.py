@@ -23,6 +23,7 @@ STAGES: tuple[str, ...] = (
     "score",
     "evaluate",
     "heatmap",
+    "compare",
     "demo",
     "cohort",
 )

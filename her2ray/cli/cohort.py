@@ -3,6 +3,8 @@
     her2ray cohort merge --config merge.yaml --out unified.csv [--summary-dir DIR]
     her2ray cohort summary --manifest unified.csv --out-dir DIR [--features STORE] [--no-slide-metadata]
     her2ray cohort site-bias --features STORE --manifest unified.csv [--out report.json] [--strict]
+    her2ray cohort tcga --clinical nationwidechildrens.org_clinical_patient_brca.txt --slides DIR|s3://... \
+        --out tcga_manifest.csv [--slide-types DX] [--sample-types 01]
 """
 
 from __future__ import annotations
@@ -48,6 +50,18 @@ def add_parser(subparsers) -> None:
     b.add_argument("--threshold", type=float, default=0.75, help="AUC above which a warning is raised")
     b.add_argument("--strict", action="store_true", help="exit status 1 when the AUC is above the threshold")
     b.set_defaults(func=run_site_bias)
+
+    t = sub.add_parser("tcga", help="TCGA-BRCA manifest from the GDC clinical file + diagnostic slide listing",
+                       description="Join nationwidechildrens.org_clinical_patient_brca.txt (HER2 IHC level, status, "
+                                   "FISH) with a folder or s3:// listing of TCGA .svs slides by barcode; keep FFPE "
+                                   "diagnostic (DX) slides; write a labelled manifest and a report of what was left "
+                                   "out (README: 'TCGA-BRCA').")
+    t.add_argument("--clinical", required=True, help="GDC Biotab clinical patient file (tab-separated)")
+    t.add_argument("--slides", required=True, help="folder or s3:// prefix holding the .svs files (recursive)")
+    t.add_argument("--out", required=True, help="manifest CSV; <out>.tcga.json and <out>.tcga.md beside it")
+    t.add_argument("--slide-types", default="DX", help="slide types kept, comma-separated (default DX = FFPE)")
+    t.add_argument("--sample-types", default="01", help="TCGA sample types kept (default 01 = primary tumour)")
+    t.set_defaults(func=run_tcga)
 
 
 def run(args: argparse.Namespace) -> int:  # pragma: no cover - argparse dispatches to the subcommands
@@ -116,3 +130,34 @@ def run_site_bias(args: argparse.Namespace) -> int:
     print(("WARNING: " if report["warning"] else "") + report["message"])
     return 1 if (args.strict and report["warning"]) else 0
 
+
+
+def run_tcga(args: argparse.Namespace) -> int:
+    from ..cohorts.tcga import build_tcga_cohort, write_manifest
+
+    split = lambda v: tuple(x.strip() for x in v.split(",") if x.strip())  # noqa: E731
+    cohort = build_tcga_cohort(args.clinical, args.slides, slide_types=split(args.slide_types),
+                               sample_types=split(args.sample_types))
+    write_manifest(cohort.rows, args.out)
+    report = cohort.report()
+    storage.write_text_atomic(_sibling(args.out, ".tcga.json"), json.dumps(report, indent=2) + "\n")
+    lines = [f"# TCGA cohort: {report['n_slides']} slides, {report['n_patients']} patients",
+             "", f"HER2 IHC level per slide: {report['slides_per_score']}",
+             f"Kept slide types {report['settings']['slide_types_kept']}, sample types "
+             f"{report['settings']['sample_types_kept']}; frozen sections dropped: "
+             f"{report['settings']['frozen_dropped']}", ""]
+    for title, key in (("Dropped slides", "dropped_slides"), ("Slides without a label", "unlabelled_slides"),
+                       ("Patients without a slide", "patients_without_slide"), ("Equivocal cases", "equivocal"),
+                       ("IHC level vs status-by-IHC conflicts", "ihc_score_status_conflicts")):
+        items = report[key]
+        lines.append(f"## {title}: {len(items)}")
+        lines += [f"- {json.dumps(i) if isinstance(i, dict) else i}" for i in items[:200]]
+        lines.append("")
+    storage.write_text_atomic(_sibling(args.out, ".tcga.md"), "\n".join(lines))
+    print(f"wrote {args.out}: {report['n_slides']} slides of {report['n_patients']} patients "
+          f"{report['slides_per_score']}")
+    print(f"left out: {len(report['dropped_slides'])} dropped slide(s) (frozen/other), "
+          f"{len(report['unlabelled_slides'])} slide(s) without a label, {len(report['patients_without_slide'])} "
+          f"patient(s) without a slide; {len(report['equivocal'])} equivocal case(s); "
+          f"details in {_sibling(args.out, '.tcga.md')}")
+    return 0

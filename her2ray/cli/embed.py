@@ -39,6 +39,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--min-tissue", type=float, default=None, help="minimum tissue fraction of a tile (default 0.25)")
     p.add_argument("--stain-normalization", default=None, choices=["none", "macenko", "reinhard"],
                    help="normalise tile stains before encoding (default none); recorded in every feature file")
+    p.add_argument("--mpp-from-magnification", action="store_true", default=None,
+                   help="opt-in: slides with no MPP but an objective power get 10 um / power (40x -> 0.25 um/px); "
+                        "recorded as mpp_source in each feature file (default: such slides fail)")
+    p.add_argument("--slide-backend", default=None, help="slide reader: openslide (default) | tiffslide")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per encoder batch (default 1024 GPU / 64 CPU)")
     p.add_argument("--read-workers", type=int, default=None, help="tile-reading threads per actor")
     p.add_argument("--address", default=None, help="Ray address (auto, host:6379, ray://host:10001); "
@@ -75,7 +79,8 @@ def build_config(args) -> tuple[Any, dict[str, Any]]:
             tiling[key] = getattr(args, flag)
     flags = {"encoder": args.encoder, "weights": args.weights, "precision": args.precision,
              "device": args.device, "batch_size": args.batch_size, "read_workers": args.read_workers,
-             "stain_normalization": args.stain_normalization}
+             "stain_normalization": args.stain_normalization,
+             "mpp_from_magnification": args.mpp_from_magnification, "slide_backend": args.slide_backend}
     data.update({k: v for k, v in flags.items() if v is not None})
     data["tiling"] = tiling
     cfg = EmbedConfig.from_mapping(data, source=source)

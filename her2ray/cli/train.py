@@ -12,7 +12,8 @@ from typing import Any
 # flag dest -> TrainConfig key (flags default to None so only given flags override the YAML)
 _FLAG_KEYS = ("folds", "seed", "model", "split_by", "balance", "max_epochs", "patience", "batch_size", "lr",
               "weight_decay", "aug_rate", "address", "cpus_per_fold", "gpus_per_fold", "max_concurrent_folds",
-              "max_failures", "dim", "depth", "heads", "dim_head", "mlp_dim", "npk", "max_nodes", "dropout")
+              "max_failures", "dim", "depth", "heads", "dim_head", "mlp_dim", "npk", "max_nodes", "dropout",
+              "sg_layers", "sg_dropout", "sg_pooling", "graph_lambda_d", "graph_lambda_f", "graph_lambda_h")
 
 
 def _centers(value: str) -> list[str]:
@@ -24,7 +25,7 @@ def _centers(value: str) -> list[str]:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "train", help="cross-validate KAT/ABMIL on a feature store (Ray Train, folds in parallel)",
+        "train", help="cross-validate KAT/ABMIL/SlideGraph+ on a feature store (Ray Train, folds in parallel)",
         description="Patient-grouped, HER2-stratified k-fold CV (or leave-one-center-out, or train/test by "
                     "center) of KAT or ABMIL. Writes splits, per-fold checkpoints, out-of-fold and test "
                     "predictions, metrics.json, report.md and PNGs to --out. Rerunning resumes.")
@@ -35,7 +36,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML with TrainConfig keys (top level or a 'train:' section)")
     p.add_argument("--folds", type=int, help="number of CV folds (default 5)")
     p.add_argument("--seed", type=int, help="split + training seed (default 0)")
-    p.add_argument("--model", choices=("kat", "abmil"), help="slide model (default kat)")
+    p.add_argument("--model", choices=("kat", "abmil", "slidegraph"),
+                   help="slide model: kat (default), abmil, or slidegraph (SlideGraph+ GNN comparator)")
     p.add_argument("--split-by", choices=("patient", "center"), help="patient-grouped k-fold or leave-one-center-out")
     p.add_argument("--train-centers", type=_centers, help="external validation: CV within these centers (A,B)")
     p.add_argument("--test-centers", type=_centers, help="external validation: test on these centers (C)")
@@ -56,7 +58,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                             ("mlp-dim", int, 512), ("npk", int, 144), ("max-nodes", int, 4096),
                             ("dropout", float, 0.5)):
         p.add_argument(f"--{name}", type=typ, help=f"model hyper-parameter (default {hint})")
+    p.add_argument("--sg-layers", type=_widths, help="SlideGraph+ widths, e.g. 16,16,8 (default)")
+    p.add_argument("--sg-dropout", type=float, help="SlideGraph+ dropout on pooled layer logits (default 0.5)")
+    p.add_argument("--sg-pooling", choices=("mean", "max", "add"), help="SlideGraph+ node pooling (default mean)")
+    for name, default, hint in (("lambda-d", 3e-3, "spatial decay per level-0 px"),
+                                ("lambda-f", 1e-3, "feature-distance decay; scale it to your features"),
+                                ("lambda-h", 0.8, "clustering cut")):
+        p.add_argument(f"--graph-{name}", type=float, help=f"SlideGraph+ graph {hint} (default {default:g})")
     p.set_defaults(func=run)
+
+
+def _widths(value: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+    if not items or min(items) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive widths, got {value!r}")
+    return items
 
 
 def config_from_args(args: argparse.Namespace):

@@ -44,7 +44,10 @@ class EmbedConfig(StageConfig):
     seed: int = Field(0, description="seed of the random-init weights (used only without weights)")
     batch_size: int | None = Field(None, ge=1, description="tiles per encoder batch; None = 1024 GPU / 64 CPU")
     read_workers: int | None = Field(None, ge=1, description="tile-reading threads; None = CPUs (max 8)")
-    slide_backend: str = "openslide"
+    slide_backend: str = Field("openslide", description="slide reader backend: 'openslide' or 'tiffslide'")
+    mpp_from_magnification: bool = Field(
+        False, description="opt-in: a slide with no MPP but an objective power gets 10 um / power (40x -> 0.25); "
+                           "recorded as mpp_source 'magnification' in each feature file")
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     stain_normalization: str | None = Field(
         None, description="None | 'macenko' | 'reinhard': normalise tiles before encoding (recorded per file)")
@@ -120,6 +123,15 @@ def _mpp_override(row: Mapping[str, Any]) -> float | None:
     return value if value > 0 and np.isfinite(value) else None
 
 
+def _mpp_provenance(reader, slide_id: str) -> dict[str, Any]:
+    """Where the slide's MPP came from, the file's own MPP, and a warning when the manifest disagrees."""
+    info: dict[str, Any] = {"mpp_source": reader.mpp_source, "mpp_file": reader.native_mpp}
+    if reader.mpp_warning:
+        log.warning("slide %s: %s", slide_id, reader.mpp_warning)
+        info["mpp_warning"] = reader.mpp_warning
+    return info
+
+
 def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: str, *,
                 cache=None) -> dict[str, Any]:
     """Embed one manifest row (``slide_id``, ``path``, optional ``mpp``) into ``out_store``.
@@ -139,9 +151,10 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
             cache = SlideCache(storage_options=cfg.storage_options)
         beat("opening slide")
         with open_slide(row["path"], mpp_override=_mpp_override(row), backend=cfg.slide_backend,
-                        cache=cache) as reader:
+                        cache=cache, mpp_from_magnification=cfg.mpp_from_magnification) as reader:
             beat("planning tissue tiles")
             grid = plan_tiles(reader, cfg.tiling, keep_mask=False)
+            mpp_info = _mpp_provenance(reader, sid)
             mpp, level = grid.slide_mpp, grid.level
             feats = np.empty((len(grid), encoder.dim), dtype=np.float16)
             wait = encode = 0.0
@@ -166,7 +179,7 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
             tile_size_level0_px=float(grid.tile_size_level0_px),
             stain_normalization=None if normalizer is None else normalizer.name,
             extra={"tiling": cfg.tiling.to_dict(), "grid": grid.metadata(), "slide_path": str(row["path"]),
-                   "mpp_source": "override" if _mpp_override(row) is not None else "slide",
+                   **mpp_info,
                    "precision": encoder.precision, "device": str(encoder.device),
                    "random_weights": bool(encoder.random_weights)})
         beat("writing the feature file")

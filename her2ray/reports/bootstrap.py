@@ -204,3 +204,32 @@ def bootstrap_ci(y_true: Any, probs: Any, groups: Sequence[Any] | None = None,
             "n_boot": int(n_boot),
         }
     return out
+
+
+def paired_bootstrap_diff(y_true: Any, probs_a: Any, probs_b: Any, groups: Sequence[Any] | None = None,
+                          metric_key: str = "auc_macro_ovr", n_boot: int = 1000, seed: int = 0,
+                          alpha: float = 0.05) -> dict[str, Any]:
+    """Paired bootstrap of ``metric(a) - metric(b)`` on the same slides (same truth, two models' probabilities).
+
+    Each replicate draws patients (``groups``) with replacement and evaluates both models on the *same* draw,
+    so the per-slide pairing is kept. Returns ``{"diff", "lo", "hi", "p_value", "n_valid", "n_boot"}``; the
+    two-sided p-value is ``2 * min(P(diff* <= 0), P(diff* >= 0))`` over replicates (capped at 1).
+    """
+    y, pa = validate_inputs(y_true, probs_a, NUM_CLASSES)
+    _, pb = validate_inputs(y_true, probs_b, NUM_CLASSES)
+    groups = np.arange(y.size) if groups is None else groups
+    fa, fb = _metric_function(metric_key, _Prepared(y, pa)), _metric_function(metric_key, _Prepared(y, pb))
+    ones = np.ones(y.size, dtype=np.int64)
+    a0, b0 = fa(ones), fb(ones)
+    diffs = []
+    for w in bootstrap_weights(groups, n_boot, seed):
+        a, b = fa(w), fb(w)
+        if a is not None and b is not None:
+            diffs.append(a - b)
+    d = np.asarray(diffs, dtype=np.float64)
+    ok = d.size >= 2
+    return {"diff": None if a0 is None or b0 is None else float(a0 - b0), "a": a0, "b": b0,
+            "lo": float(np.quantile(d, alpha / 2)) if ok else None,
+            "hi": float(np.quantile(d, 1 - alpha / 2)) if ok else None,
+            "p_value": float(min(1.0, 2 * min(np.mean(d <= 0), np.mean(d >= 0)))) if ok else None,
+            "n_valid": int(d.size), "n_boot": int(n_boot), "metric": metric_key}

@@ -34,9 +34,28 @@ def _save(fig: Figure, out_url: str) -> str:
 def roc_curves_png(y_true: Any, probs: Any, out_url: str, *, title: str = "One-vs-rest ROC per HER2 score",
                    class_names: Sequence[str] = HER2_SCORES) -> str:
     """Per-class one-vs-rest ROC curves, AUC in the legend (classes absent from the truth are listed as n/a)."""
-    y, p = validate_inputs(y_true, probs, len(class_names))
     fig = Figure(figsize=(5.5, 5.0))
-    ax = fig.add_subplot(1, 1, 1)
+    _draw_roc(fig.add_subplot(1, 1, 1), y_true, probs, title, class_names)
+    return _save(fig, out_url)
+
+
+def roc_grid_png(panels: Sequence[Sequence[tuple[str, Any, Any] | None]], out_url: str, *,
+                 class_names: Sequence[str] = HER2_SCORES) -> str:
+    """A grid of per-class ROC panels: ``panels[row][col] = (title, y_true, probs)`` or None (empty cell)."""
+    rows, cols = len(panels), max(len(r) for r in panels)
+    fig = Figure(figsize=(4.6 * cols, 4.4 * rows))
+    for i, row in enumerate(panels):
+        for j, cell in enumerate(row):
+            ax = fig.add_subplot(rows, cols, i * cols + j + 1)
+            if cell is None:
+                ax.set_axis_off()
+                continue
+            _draw_roc(ax, cell[1], cell[2], cell[0], class_names, fontsize=7)
+    return _save(fig, out_url)
+
+
+def _draw_roc(ax, y_true: Any, probs: Any, title: str, class_names: Sequence[str], fontsize: int = 9) -> None:
+    y, p = validate_inputs(y_true, probs, len(class_names))
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
     for k, name in enumerate(class_names):
         y_bin = (y == k).astype(int)
@@ -51,11 +70,10 @@ def roc_curves_png(y_true: Any, probs: Any, out_url: str, *, title: str = "One-v
     ax.set_ylim(-0.01, 1.01)
     ax.set_xlabel("False positive rate (1 - specificity)")
     ax.set_ylabel("True positive rate (sensitivity)")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=fontsize + 1)
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
-    return _save(fig, out_url)
+    ax.legend(loc="lower right", fontsize=fontsize)
 
 
 def confusion_png(confusion: Any, out_url: str, *, class_names: Sequence[str] = HER2_SCORES,

@@ -132,12 +132,21 @@ class FoldEnsemble:
                 f"(weights {want[:12]})")
 
     def prepare(self, sf: SlideFeatures) -> Bag:
-        """Kernels exactly as in training: ``build_kernels(coords, tile_size_level0_px, npk, max_nodes)``."""
+        """Kernels exactly as in training: ``build_kernels(coords, tile_size_level0_px, npk, max_nodes)``;
+        for graph models (SlideGraph+) the slide graph with the checkpoint's graph settings."""
         import torch
 
+        from ..models import GRAPH_MODELS
         from ..models.kernels import build_kernels
 
         self.check_features(sf)
+        if self.model_name in GRAPH_MODELS:
+            from ..models.slidegraph_data import GraphBag, graph_params
+            from ..models.slidegraph_graph import build_graph
+
+            params = graph_params(self.checkpoints[0].hparams.get("graph"))
+            return GraphBag(build_graph(sf.coords, sf.features, float(sf.meta.tile_size_level0_px), params),
+                            self.device)  # type: ignore[return-value]
         plan = build_kernels(sf.coords, float(sf.meta.tile_size_level0_px), self.npk, max_nodes=self.max_nodes)
         kept = np.asarray(plan.kept, dtype=np.int64)
         feats = torch.as_tensor(np.ascontiguousarray(sf.features[kept]), dtype=torch.float32)
@@ -152,13 +161,16 @@ class FoldEnsemble:
         """Mean of the folds' softmax; per-tile attention (mean over folds) from the same forward pass."""
         import torch
 
+        from ..models import forward_batch
+
         probs, atts = [], []
         with torch.inference_mode():
             for model in self.models:
-                out = model(bag.features, bag.anchor_dist, bag.tile_mask, bag.kernel_mask,
-                            return_attention=attention)
+                out = forward_batch(model, bag.as_batch(), return_attention=attention)
                 logits = out[0] if attention else out
-                if attention:
+                if attention and hasattr(bag, "tile_scores"):   # graph models: node scores -> tiles
+                    atts.append(bag.tile_scores(logits, out[1]))
+                elif attention:
                     atts.append(tile_scores_from_attention(model, out[1], bag.tile_mask)[0].cpu().numpy())
                 probs.append(torch.softmax(logits.float(), dim=-1)[0].cpu().numpy())
         fold_probs = np.stack(probs).astype(np.float64)

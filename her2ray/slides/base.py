@@ -14,10 +14,15 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ..errors import MissingMPPError, SlideReadError
+from ..errors import MissingMPPError, SlideReadError, SlideTooLargeError
+from .mpp import mpp_disagreement, mpp_from_magnification, mpp_from_properties, objective_power
+from .thumbnail import (DIRECT_THUMBNAIL_MAX_PX, bounded_thumbnail, describe_size, thumbnail_level,
+                        thumbnail_size)
 
 MPP_FIX_HINT = ("give the slide's microns per pixel in the manifest 'mpp' column, "
                 "or pass --mpp-override (mpp_override=...)")
+MAGNIFICATION_HINT = ("; or opt in to --mpp-from-magnification (10 um / objective power: {power:g}x -> "
+                      "{mpp:g} um/px)")
 
 
 class SlideReader(abc.ABC):
@@ -30,7 +35,7 @@ class SlideReader(abc.ABC):
     backend_name: str = "abstract"
 
     def __init__(self, path: str, local_path: str, mpp_override: float | None = None,
-                 on_close: Callable[[], None] | None = None):
+                 on_close: Callable[[], None] | None = None, mpp_from_magnification: bool = False):
         #: what the caller asked for (local path or URL): used in every error message
         self.path = str(path)
         #: the local file the backend reads (the staged copy for remote slides)
@@ -38,6 +43,7 @@ class SlideReader(abc.ABC):
         if mpp_override is not None and not (float(mpp_override) > 0):
             raise SlideReadError(self.path, f"mpp override must be > 0, got {mpp_override!r}")
         self._mpp_override = float(mpp_override) if mpp_override is not None else None
+        self._mpp_from_magnification = bool(mpp_from_magnification)
         self._on_close = on_close
         self._closed = False
 
@@ -67,19 +73,18 @@ class SlideReader(abc.ABC):
         """Release backend handles."""
 
     def _thumbnail(self, max_px: int) -> np.ndarray:
-        """Default thumbnail: read the coarsest level that is still >= max_px, then resize."""
+        """Default thumbnail of a level small enough to decode whole: read it, then resize."""
         from PIL import Image
 
-        w0, h0 = self.dimensions
-        scale = max_px / max(w0, h0)
-        level = 0
-        for k, (w, h) in enumerate(self.level_dimensions):
-            if max(w, h) >= max_px:
-                level = k
+        level = thumbnail_level(self.level_dimensions, max_px)
         w, h = self.level_dimensions[level]
         img = self.read_region(0, 0, level, w, h)
-        size = (max(1, round(w0 * scale)), max(1, round(h0 * scale)))
-        return np.asarray(Image.fromarray(img).resize(size, Image.Resampling.BOX))
+        return np.asarray(Image.fromarray(img).resize(thumbnail_size(self.dimensions, max_px), Image.Resampling.BOX))
+
+    def _region_is_blank(self, level: int, x: int, y: int, w: int, h: int) -> bool:
+        """True only when the backend *knows* the region holds no scanned pixels (sparse tiles), so a
+        bounded-memory thumbnail can skip reading it; the default never skips."""
+        return False
 
     # ---- public API ---------------------------------------------------------------------------
     @property
@@ -109,21 +114,40 @@ class SlideReader(abc.ABC):
         return self._native_mpp()
 
     @property
+    def objective_power(self) -> float | None:
+        """Objective power the file records (20, 40, ...), or None."""
+        return objective_power(self.properties)
+
+    @property
     def mpp(self) -> float:
-        """Level-0 microns per pixel: the override if given, else the file's; never a guess."""
+        """Level-0 microns per pixel: the override if given, else the file's; else, only when opted in
+        (``mpp_from_magnification``), 10 um / objective power. Never a silent guess."""
         if self._mpp_override is not None:
             return self._mpp_override
         mpp = self._native_mpp()
-        if mpp is None:
-            raise MissingMPPError(self.path, f"the slide records no microns per pixel (MPP); {MPP_FIX_HINT}")
-        return mpp
+        if mpp is not None:
+            return mpp
+        power = self.objective_power
+        if power is not None and self._mpp_from_magnification:
+            return mpp_from_magnification(power)
+        hint = "" if power is None else MAGNIFICATION_HINT.format(power=power, mpp=mpp_from_magnification(power))
+        raise MissingMPPError(self.path, f"the slide records no microns per pixel (MPP); {MPP_FIX_HINT}{hint}")
 
     @property
     def mpp_source(self) -> str:
-        """'override', 'slide' or 'missing': where ``mpp`` comes from (for provenance)."""
+        """'override', 'slide', 'magnification' or 'missing': where ``mpp`` comes from (for provenance)."""
         if self._mpp_override is not None:
             return "override"
-        return "slide" if self._native_mpp() is not None else "missing"
+        if self._native_mpp() is not None:
+            return "slide"
+        if self._mpp_from_magnification and self.objective_power is not None:
+            return "magnification"
+        return "missing"
+
+    @property
+    def mpp_warning(self) -> str | None:
+        """Set when an override (the manifest's mpp) disagrees with the file's own MPP by more than 10 %."""
+        return mpp_disagreement(self._mpp_override, self._native_mpp())
 
     def level_mpp(self, level: int) -> float:
         """Microns per pixel at ``level``."""
@@ -146,11 +170,23 @@ class SlideReader(abc.ABC):
         return composite_on_white(self._read_rgba(x0, y0, level, w, h))
 
     def thumbnail(self, max_px: int = 1024) -> np.ndarray:
-        """uint8 RGB thumbnail of the whole slide whose longer side is ``max_px`` (aspect kept)."""
+        """uint8 RGB thumbnail of the whole slide whose longer side is ``max_px`` (aspect kept).
+
+        A slide whose best level for the thumbnail is too big to decode whole (a single-level or poorly
+        pyramided scan) is reduced block by block in bounded memory (``thumbnail.bounded_thumbnail``).
+        """
         self._check_open()
         if max_px <= 0:
             raise ValueError(f"max_px must be positive, got {max_px}")
-        return self._thumbnail(int(max_px))
+        level = thumbnail_level(self.level_dimensions, int(max_px))
+        w, h = self.level_dimensions[level]
+        try:
+            if w * h > DIRECT_THUMBNAIL_MAX_PX:
+                return bounded_thumbnail(self, level, thumbnail_size(self.dimensions, int(max_px)))
+            return self._thumbnail(int(max_px))
+        except MemoryError:
+            raise SlideTooLargeError(self.path, f"{describe_size(self)}: out of memory computing the "
+                                                f"{max_px} px thumbnail") from None
 
     def close(self) -> None:
         if self._closed:
@@ -185,6 +221,29 @@ class SlideReader(abc.ABC):
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.path!r}, dimensions={self.dimensions}, "
                 f"levels={self.level_count}, mpp={self._mpp_override or self._native_mpp()})")
+
+
+class StaticMetadataReader(SlideReader):
+    """A backend that reads its metadata once when opened: it sets ``_dims`` (level dimensions), ``_downs``
+    (downsamples) and ``_props`` (properties, with ``openslide.*`` keys for the MPP / objective rules)."""
+
+    _dims: tuple[tuple[int, int], ...]
+    _downs: tuple[float, ...]
+    _props: Mapping[str, str]
+
+    def _level_dimensions(self):
+        return self._dims
+
+    def _level_downsamples(self):
+        return self._downs
+
+    def _properties(self) -> Mapping[str, str]:
+        return self._props
+
+    def _native_mpp(self) -> float | None:
+        if not hasattr(self, "_mpp_native"):
+            self._mpp_native = mpp_from_properties(self._props)
+        return self._mpp_native
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:

@@ -5,7 +5,9 @@ remote slides are downloaded once, kept while in use and evicted least-recently-
 budget. Several processes (Ray workers) on one node share the cache safely:
 
 * a download goes to a temporary name under ``tmp/`` and is renamed into ``slides/`` only once its
-  size matches the remote object, so a partial file is never served;
+  size matches the remote object, so a partial file is never served; a multi-file slide (DICOM series
+  folder, MIRAX + data folder, VMS/VMU + images; see ``formats.slide_files``) is downloaded into a
+  temporary folder and renamed as a whole, so a series is never served with a file missing;
 * per-slide ``flock`` locks: exclusive while downloading (others wait, then reuse the file), shared
   while a reader has the slide open (eviction skips slides in use: OpenSlide may reopen the file);
 * eviction runs under one cache-wide lock, oldest access time (file mtime, touched on use) first.
@@ -20,6 +22,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 
 from .. import storage
 from ..errors import SlideNotFoundError, SlideReadError
+from .formats import SlideFileSet, slide_files
 
 log = logging.getLogger(__name__)
 
@@ -97,16 +101,24 @@ class SlideCache:
 
     # ---- staging ------------------------------------------------------------------------------
     def stage(self, url: str) -> StagedSlide:
-        """Return a lease on a complete local copy of ``url``, downloading it if needed."""
+        """Return a lease on a complete local copy of ``url``, downloading it if needed.
+
+        ``url`` may name one file, a DICOM series folder, or the index of a multi-file format (MIRAX,
+        VMS/VMU, one ``.dcm`` of a series): then the whole set (``formats.slide_files``) is staged as one
+        folder that appears only once every file has arrived, and the lease points at the file to open.
+        """
         url = str(url)
-        size, version = self._remote_info(url)
+        files = self._remote_files(url)
+        size = files.size_bytes
         if size > self.max_bytes:
             raise SlideReadError(url, f"slide is {size} bytes, larger than the whole slide cache budget "
                                       f"({self.max_bytes} bytes); raise {ENV_BYTES} or pass a larger SlideCache")
-        key = hashlib.sha256(f"{url}\0{size}\0{version}".encode()).hexdigest()[:32]
+        fingerprint = "\0".join(f"{f.name}\0{f.size}\0{f.version}" for f in files.files)
+        key = hashlib.sha256(f"{url}\0{fingerprint}".encode()).hexdigest()[:32]
         name = _SAFE.sub("_", os.path.basename(url.rstrip("/")))[-80:] or "slide"
         final = os.path.join(self.slides_dir, f"{key}-{name}")
         lock_path = os.path.join(self.locks_dir, f"{key}.lock")
+        opened = os.path.join(final, *files.open_name.split("/")) if files.multi_file else final
 
         for _ in range(100):
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -115,47 +127,50 @@ class SlideCache:
                 if not _complete(final, size):
                     fcntl.flock(fd, fcntl.LOCK_EX)  # others wait here while one process downloads
                     if not _complete(final, size):
-                        self._download(url, final, size)
+                        self._download(url, files, final)
                     fcntl.flock(fd, fcntl.LOCK_SH)
                 # flock conversion is not atomic: an evictor may have slipped in; then go round again.
                 if _complete(final, size):
                     _touch(final)
-                    return StagedSlide(url, final, fd)
+                    return StagedSlide(url, opened, fd)
             except BaseException:
                 os.close(fd)
                 raise
             os.close(fd)
         raise SlideReadError(url, "could not stage the slide: it kept being evicted (cache too small?)")
 
-    def _remote_info(self, url: str) -> tuple[int, str]:
+    def _remote_files(self, url: str) -> SlideFileSet:
         try:
             fs, path = storage.filesystem_for(url, self.storage_options)
-            info = fs.info(path)
-        except FileNotFoundError:
+            return slide_files(fs, path)
+        except SlideNotFoundError:
             raise SlideNotFoundError(url, "slide not found on the remote store") from None
+        except SlideReadError as exc:
+            raise SlideReadError(url, str(exc).split(": ", 1)[-1]) from None
         except Exception as exc:  # noqa: BLE001 - network / auth errors become a typed slide error
             raise SlideReadError(url, f"cannot reach the remote slide: {type(exc).__name__}: {exc}") from None
-        if info.get("type") == "directory":
-            raise SlideReadError(url, "is a folder, not a slide file (multi-file formats must be staged "
-                                      "by hand)")
-        version = next((str(info[k]) for k in ("ETag", "etag", "LastModified", "mtime", "last_modified",
-                                               "created", "generation") if info.get(k) is not None), "")
-        return int(info.get("size") or 0), version
 
-    def _download(self, url: str, final: str, size: int) -> None:
-        """Download to a temporary name, verify the size, then atomically rename into place."""
-        self._make_room(size)
+    def _download(self, url: str, files: SlideFileSet, final: str) -> None:
+        """Download to a temporary name (a folder for a file set), verify every size, then rename into place.
+
+        The rename is the commit: ``final`` never exists with a partial file or an incomplete series.
+        """
+        self._make_room(files.size_bytes)
         tmp = os.path.join(self.tmp_dir, f"{os.path.basename(final)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
         t0 = time.perf_counter()
         try:
-            fs, path = storage.filesystem_for(url, self.storage_options)
-            with fs.open(path, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, _COPY_CHUNK)
-                dst.flush()
-                os.fsync(dst.fileno())
-            got = os.path.getsize(tmp)
-            if got != size:
-                raise SlideReadError(url, f"incomplete download: got {got} of {size} bytes")
+            fs, _ = storage.filesystem_for(url, self.storage_options)
+            for f in files.files:
+                dst_path = os.path.join(tmp, *f.name.split("/")) if files.multi_file else tmp
+                os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+                with fs.open(posixpath.join(files.root, f.name), "rb") as src, open(dst_path, "wb") as dst:
+                    shutil.copyfileobj(src, dst, _COPY_CHUNK)
+                    dst.flush()
+                    os.fsync(dst.fileno())
+                got = os.path.getsize(dst_path)
+                if got != f.size:
+                    where = f" ({f.name})" if files.multi_file else ""
+                    raise SlideReadError(url, f"incomplete download{where}: got {got} of {f.size} bytes")
             os.replace(tmp, final)
         except SlideReadError:
             raise
@@ -164,9 +179,9 @@ class SlideCache:
         except Exception as exc:  # noqa: BLE001
             raise SlideReadError(url, f"download failed: {type(exc).__name__}: {exc}") from None
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        log.debug("staged %s (%d bytes) in %.2fs", url, size, time.perf_counter() - t0)
+            _remove(tmp)
+        log.debug("staged %s (%d file(s), %d bytes) in %.2fs", url, len(files.files), files.size_bytes,
+                  time.perf_counter() - t0)
 
     # ---- eviction -----------------------------------------------------------------------------
     def _make_room(self, incoming_bytes: int) -> None:
@@ -196,7 +211,12 @@ class SlideCache:
             os.close(fd)
             return False  # open in some reader (shared lock) or being downloaded
         try:
-            os.unlink(entry.path)
+            if os.path.isdir(entry.path):  # a series: move it out of sight in one step, then delete
+                doomed = os.path.join(self.tmp_dir, f"{os.path.basename(entry.path)}.{os.getpid()}.evict.part")
+                os.replace(entry.path, doomed)
+                _remove(doomed)
+            else:
+                os.unlink(entry.path)
             log.debug("evicted %s (%d bytes)", entry.path, entry.size_bytes)
             return True
         except FileNotFoundError:
@@ -213,10 +233,7 @@ class SlideCache:
             except (IndexError, ValueError):
                 continue
             if not _pid_alive(pid):
-                try:
-                    os.unlink(os.path.join(self.tmp_dir, name))
-                except FileNotFoundError:
-                    pass
+                _remove(os.path.join(self.tmp_dir, name))
 
     # ---- inspection ---------------------------------------------------------------------------
     def entries(self) -> list[CacheEntry]:
@@ -226,9 +243,10 @@ class SlideCache:
             p = os.path.join(self.slides_dir, name)
             try:
                 st = os.stat(p)
+                size = _tree_bytes(p) if os.path.isdir(p) else st.st_size
             except FileNotFoundError:
                 continue
-            out.append(CacheEntry(p, st.st_size, st.st_mtime))
+            out.append(CacheEntry(p, size, st.st_mtime))
         return sorted(out, key=lambda e: (e.last_used, e.path))
 
     def size_bytes(self) -> int:
@@ -236,7 +254,7 @@ class SlideCache:
         tmp = 0
         for name in os.listdir(self.tmp_dir):
             try:
-                tmp += os.path.getsize(os.path.join(self.tmp_dir, name))
+                tmp += _tree_bytes(os.path.join(self.tmp_dir, name))
             except FileNotFoundError:
                 pass
         return sum(e.size_bytes for e in self.entries()) + tmp
@@ -251,9 +269,27 @@ class SlideCache:
 
 def _complete(path: str, size: int) -> bool:
     try:
-        return os.path.getsize(path) == size
+        return _tree_bytes(path) == size
     except FileNotFoundError:
         return False
+
+
+def _tree_bytes(path: str) -> int:
+    """Size of a file, or of every file below a folder (a staged series)."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(path) for n in names)
+
+
+def _remove(path: str) -> None:
+    """Delete a file or folder if present (no error when already gone)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _touch(path: str) -> None:

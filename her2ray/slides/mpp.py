@@ -59,3 +59,37 @@ def mpp_from_properties(props: Mapping[str, str]) -> float | None:
         return None
     mpp = sum(res) / len(res)
     return mpp if plausible_mpp(mpp) else None
+
+
+#: the documented opt-in rule: level-0 um/px = MAGNIFICATION_RULE_UM / objective power (40x -> 0.25)
+MAGNIFICATION_RULE_UM = 10.0
+#: a manifest mpp further than this (relative) from the file's own is flagged
+MPP_DISAGREEMENT = 0.10
+_POWER_KEYS = ("openslide.objective-power", "aperio.AppMag")
+
+
+def objective_power(props: Mapping[str, str]) -> float | None:
+    """Scanner objective power (e.g. 20, 40) from ``openslide.objective-power`` or ``aperio.AppMag``."""
+    for key in _POWER_KEYS:
+        power = _positive_float(props.get(key))
+        if power is not None and 1.0 <= power <= 200.0:
+            return power
+    return None
+
+
+def mpp_from_magnification(power: float) -> float:
+    """The opt-in rule 10 um / objective power: 40x -> 0.25, 20x -> 0.5 um/px (a convention, not a
+    measurement: real scanners differ by a few per cent, e.g. 0.2525 or 0.499)."""
+    return MAGNIFICATION_RULE_UM / float(power)
+
+
+def mpp_disagreement(manifest_mpp: float | None, file_mpp: float | None,
+                     tolerance: float = MPP_DISAGREEMENT) -> str | None:
+    """A warning text when a manifest mpp differs from the file's own by more than ``tolerance``."""
+    if manifest_mpp is None or file_mpp is None:
+        return None
+    rel = abs(float(manifest_mpp) - float(file_mpp)) / float(file_mpp)
+    if rel <= tolerance:
+        return None
+    return (f"manifest mpp {float(manifest_mpp):g} disagrees with the slide's own {float(file_mpp):g} um/px "
+            f"by {rel:.0%} (> {tolerance:.0%}); the manifest value is used")

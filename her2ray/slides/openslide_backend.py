@@ -12,26 +12,26 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Mapping
+from typing import Callable
 
 import numpy as np
 
 from ..errors import SlideNotFoundError, SlideReadError
-from .base import SlideReader
-from .mpp import mpp_from_properties
+from .base import StaticMetadataReader
+from .sparse import TiffSparseIndex
 from .tiff_tiles import TiffTileDecoder
 
 log = logging.getLogger(__name__)
 
 
-class OpenSlideReader(SlideReader):
+class OpenSlideReader(StaticMetadataReader):
     backend_name = "openslide"
 
     def __init__(self, path: str, local_path: str, mpp_override: float | None = None,
-                 on_close: Callable[[], None] | None = None):
+                 on_close: Callable[[], None] | None = None, mpp_from_magnification: bool = False):
         import openslide
 
-        super().__init__(path, local_path, mpp_override, on_close)
+        super().__init__(path, local_path, mpp_override, on_close, mpp_from_magnification)
         if not os.path.exists(local_path):
             raise SlideNotFoundError(self.path, "slide file not found")
         if not os.access(local_path, os.R_OK):
@@ -47,20 +47,8 @@ class OpenSlideReader(SlideReader):
         self._dims = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
         self._downs = tuple(float(d) for d in self._slide.level_downsamples)
         self._props = dict(self._slide.properties)
-        self._mpp_native = mpp_from_properties(self._props)
         self._fast = TiffTileDecoder.for_slide(local_path, self._props.get("openslide.vendor"), self._dims)
-
-    def _level_dimensions(self):
-        return self._dims
-
-    def _level_downsamples(self):
-        return self._downs
-
-    def _properties(self) -> Mapping[str, str]:
-        return self._props
-
-    def _native_mpp(self) -> float | None:
-        return self._mpp_native
+        self._sparse: TiffSparseIndex | None | bool = False  # built on first use (huge thumbnails only)
 
     def _read_rgb(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
         fast = self._fast
@@ -83,6 +71,11 @@ class OpenSlideReader(SlideReader):
             raise SlideReadError(self.path, f"cannot decode region x={x0} y={y0} level={level} "
                                             f"{w}x{h} (corrupt or truncated?): {exc}") from None
         return np.asarray(img)
+
+    def _region_is_blank(self, level: int, x: int, y: int, w: int, h: int) -> bool:
+        if self._sparse is False:
+            self._sparse = TiffSparseIndex.for_slide(self.local_path, self._props.get("openslide.vendor"), self._dims)
+        return self._sparse is not None and self._sparse.region_is_empty(level, x, y, w, h)
 
     def _thumbnail(self, max_px: int) -> np.ndarray:
         import openslide

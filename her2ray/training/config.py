@@ -15,14 +15,14 @@ from pydantic import Field, model_validator
 
 from ..config import StageConfig
 
-MODEL_NAMES = ("kat", "abmil")
+MODEL_NAMES = ("kat", "abmil", "slidegraph")
 
 
 class TrainConfig(StageConfig):
     """Cross-validation training settings; unknown keys are rejected (``StageConfig``)."""
 
     # --- protocol --------------------------------------------------------------------------------
-    model: Literal["kat", "abmil"] = "kat"
+    model: Literal["kat", "abmil", "slidegraph"] = "kat"
     folds: int = Field(5, ge=2, le=50, description="CV folds (ignored with split_by=center: one per center)")
     seed: int = 0
     split_by: Literal["patient", "center"] = "patient"
@@ -53,6 +53,18 @@ class TrainConfig(StageConfig):
     emb_dropout: float = Field(0.0, ge=0, lt=1)
     abmil_dropout: float = Field(0.25, ge=0, lt=1)
 
+    # --- SlideGraph+ (TIAToolbox HER2 pipeline settings; README "SlideGraph+") -------------------
+    sg_layers: list[int] = Field(default_factory=lambda: [16, 16, 8], min_length=1,
+                                 description="input embedding width, then one EdgeConv per further width")
+    sg_dropout: float = Field(0.5, ge=0, lt=1, description="dropout on each layer's pooled logits")
+    sg_pooling: Literal["mean", "max", "add"] = "mean"
+    graph_lambda_d: float = Field(3.0e-3, gt=0, description="spatial decay per level-0 px")
+    graph_lambda_f: float = Field(1.0e-3, gt=0, description="feature-distance decay")
+    graph_lambda_h: float = Field(0.8, gt=0, le=1, description="hierarchical clustering cut")
+    graph_connectivity_level0_px: float = Field(4000.0, gt=0, description="longest Delaunay edge kept")
+    graph_neighbour_radius_level0_px: float = Field(2000.0, gt=0)
+    graph_max_tiles: int = Field(6000, ge=16, description="tiles above this are grid-pooled before clustering")
+
     # --- Ray resources ----------------------------------------------------------------------------
     address: str | None = None
     cpus_per_fold: float = Field(1.0, gt=0)
@@ -81,4 +93,19 @@ class TrainConfig(StageConfig):
             return {"dim": self.dim, "depth": self.depth, "heads": self.heads, "dim_head": self.dim_head,
                     "mlp_dim": self.mlp_dim, "npk": self.npk, "dropout": self.dropout,
                     "emb_dropout": self.emb_dropout}
+        if self.model == "slidegraph":
+            return {"layers": list(self.sg_layers), "dropout": self.sg_dropout, "pooling": self.sg_pooling,
+                    "graph": self.graph_settings()}
         return {"dim": self.dim, "dropout": self.abmil_dropout}
+
+    def graph_settings(self) -> dict[str, Any]:
+        """``GraphParams`` keyword arguments (SlideGraph+ graph construction)."""
+        return {"lambda_d": self.graph_lambda_d, "lambda_f": self.graph_lambda_f, "lambda_h": self.graph_lambda_h,
+                "connectivity_level0_px": self.graph_connectivity_level0_px,
+                "neighbour_radius_level0_px": self.graph_neighbour_radius_level0_px,
+                "max_tiles": self.graph_max_tiles}
+
+    def data_settings(self) -> dict[str, Any]:
+        """What ``models.make_dataset`` needs besides urls/labels (bag or graph settings)."""
+        return {"npk": self.npk, "max_nodes": self.max_nodes, "cache_features": self.cache_features,
+                "graph": self.graph_settings()}

@@ -106,7 +106,9 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _forward(model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    return model(batch["features"], batch["anchor_dist"], batch["tile_mask"], batch["kernel_mask"])
+    from ..models import forward_batch
+
+    return forward_batch(model, batch)
 
 
 @torch.no_grad()
@@ -158,10 +160,12 @@ def predictions_table(ids: list[str], labels: np.ndarray, probs: np.ndarray, fol
 
 
 def _make_loaders(spec: FoldSpec, cfg: TrainConfig, generator: torch.Generator):
-    from ..models.bags import BagDataset, collate_bags
+    from ..models import collate_for, make_dataset
 
-    ds_kw = {"npk": cfg.npk, "max_nodes": cfg.max_nodes, "cache_features": cfg.cache_features}
-    train_ds = BagDataset(spec.train_urls, spec.train_labels, aug_rate=cfg.aug_rate, seed=spec.seed, **ds_kw)
+    ds_kw = cfg.data_settings()
+    collate_bags = collate_for(cfg.model)
+    train_ds = make_dataset(cfg.model, spec.train_urls, spec.train_labels, aug_rate=cfg.aug_rate, seed=spec.seed,
+                            **ds_kw)
     sampler = balanced_sampler(spec.train_labels, generator) if cfg.balance == "sampler" else None
     train_dl = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, shuffle=sampler is None,
                           generator=generator if sampler is None else None, collate_fn=collate_bags,
@@ -170,7 +174,7 @@ def _make_loaders(spec: FoldSpec, cfg: TrainConfig, generator: torch.Generator):
     def eval_loader(urls, labels):
         if not urls:
             return None
-        ds = BagDataset(urls, labels, aug_rate=0.0, seed=spec.seed, **ds_kw)
+        ds = make_dataset(cfg.model, urls, labels, aug_rate=0.0, seed=spec.seed, **ds_kw)
         return DataLoader(ds, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate_bags,
                           num_workers=0)
 
