@@ -195,13 +195,19 @@ def ledger_report(ledger, timeout_s: float = 30.0) -> dict[str, Any]:
         return {"started": {}, "finished": {}, "failed": {}}
 
 
+def crashed_message(n: int) -> str:
+    return f"worker crashed {n} time{'s' if n != 1 else ''} on this slide"
+
+
 def missing_reason(slide_id: str, report: Mapping[str, Any], cfg: GuardConfig) -> str:
     """Why a slide has no result row (driver side), from the ledger's record."""
     if slide_id in report.get("failed", {}):
         return report["failed"][slide_id]
     tries = int(report.get("started", {}).get(slide_id, 0)) - int(report.get("finished", {}).get(slide_id, 0))
-    if tries > 0:
-        return f"worker crashed {tries} times on this slide"
+    if tries == 1:       # a crash would have been retried (and the retry returns a row): an error was raised
+        return "the worker raised an error on this slide instead of returning a status (see the Ray worker logs)"
+    if tries > 1:
+        return crashed_message(tries)
     return (f"no result from the worker (it crashed before starting the slide; at most {cfg.max_crashes} "
             "retries; see the Ray worker logs)")
 
@@ -228,7 +234,7 @@ class Guard:
         if self.ledger is not None:
             crashes, failure = ray.get(self.ledger.begin.remote(slide_id), timeout=30)
         if failure is None and crashes >= self.cfg.max_crashes:
-            failure = f"worker crashed {crashes} times on this slide"
+            failure = crashed_message(crashes)
             self.ledger.fail.remote(slide_id, failure)
         if failure is not None:
             row = failed_row(failure)

@@ -71,7 +71,7 @@ def test_crashing_and_hanging_slides_fail_alone_and_the_cohort_goes_on(ray_sessi
     cat = pq.read_table(os.path.join(out, "slides.parquet")).to_pylist()
     assert {r["slide_id"]: r["status"] for r in cat} == {"good": "ok", "segv": "failed", "once": "ok",
                                                           "hang": "failed"}
-    assert seconds < 90, seconds
+    assert seconds < 300, seconds          # bounded (it used to hang forever); generous for a loaded CI box
 
 
 def test_request_no_node_can_host_fails_in_seconds(ray_session, tmp_path, drill_slides, tiny_encoder):
