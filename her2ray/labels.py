@@ -12,6 +12,8 @@ from typing import Any
 HER2_SCORES: tuple[str, ...] = ("0", "1+", "2+", "3+")
 NUM_CLASSES = len(HER2_SCORES)
 PROB_COLUMNS: tuple[str, ...] = ("prob_her2_0", "prob_her2_1plus", "prob_her2_2plus", "prob_her2_3plus")
+#: The same probabilities before post-hoc calibration (``prob_her2_*`` are calibrated when the run has a map).
+UNCAL_PROB_COLUMNS: tuple[str, ...] = tuple(c.replace("prob_her2_", "prob_uncal_her2_") for c in PROB_COLUMNS)
 
 _PATTERN = re.compile(
     r"^\s*(?:(?:her-?2|erbb2)\s*[:=]?\s*)?(?:ihc\s*[:=]?\s*)?(?:score\s*[:=]?\s*)?([0-3])(?:\.0+)?\s*(\+{1,3})?\s*$",

@@ -1,16 +1,25 @@
 """One way for every stage to get a Ray: the given address, ``$RAY_ADDRESS`` (set inside ``ray job submit``),
-or a private local Ray started for this process."""
+or a private local Ray started for this process.
+
+A private Ray is started with ``address="local"``: without it ``ray.init()`` joins the newest cluster that
+``ray start`` left on the machine (someone else's), and then fails on ``num_cpus``. Under a quiet console
+(``her2ray.console``) worker output forwarded to the driver goes to the run's log file, not the terminal.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 
+from . import console
 from .errors import RayStartError
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+log = logging.getLogger(__name__)
 
 
-def ensure_ray(address: str | None = None, *, log_to_driver: bool = True) -> bool:
+def ensure_ray(address: str | None = None, *, log_to_driver: bool = True, **init_kwargs) -> bool:
     """Connect or start Ray unless already initialised; True when this call did (the caller owns shutdown).
 
     A locally started Ray gets this checkout on its workers' ``PYTHONPATH`` so an uninstalled checkout works.
@@ -20,16 +29,20 @@ def ensure_ray(address: str | None = None, *, log_to_driver: bool = True) -> boo
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    quiet = console.ray_log_stream() is not None
+    forward = log_to_driver or quiet
     try:
         if address:
             probe_address(address)
-            ray.init(address=address, log_to_driver=log_to_driver)
+            ray.init(address=address, log_to_driver=forward)
         else:
             path = os.pathsep.join(p for p in (_PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
-            ray.init(include_dashboard=False, log_to_driver=log_to_driver,
-                     runtime_env={"env_vars": {"PYTHONPATH": path}})
+            ray.init(address="local", include_dashboard=False, log_to_driver=forward,
+                     runtime_env={"env_vars": {"PYTHONPATH": path}}, **init_kwargs)
     except Exception as exc:  # noqa: BLE001 - any failure here means "no Ray": its own error and exit code
         raise ray_start_error(address, exc) from exc
+    if quiet:
+        route_worker_output(console.ray_log_stream())
     return True
 
 

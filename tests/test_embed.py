@@ -7,6 +7,7 @@ and bookkeeping are what is under test); one goes through the real PLIP architec
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -226,10 +227,17 @@ def test_s3_slides_manifest_and_store(ray_session, s3_bucket, tmp_path, cohort, 
     storage.write_text_atomic(manifest, pd.DataFrame(rows).to_csv(index=False))
     out = f"{s3_bucket}/store"
     enc = ["--encoder", "open_clip", "--weights", tiny_encoder, "--no-progress"]
-    assert _embed("--manifest", manifest, "--out", out, *enc) == 1
+    assert _embed("--manifest", manifest, "--out", out, *enc, "--qc-dir", f"{s3_bucket}/qc") == 1
     cat = storage.read_parquet(f"{out}/slides.parquet").to_pandas().set_index("slide_id")
     assert cat.status.to_dict() == {"syn1": "ok", "corrupt": "failed", "gone": "failed"}
-    assert cat.loc["gone", "error"].startswith("SlideNotFoundError")
+    assert cat.loc["gone", "error"].startswith("SlideNotFoundError") and "(preflight)" in cat.loc["gone", "error"]
+    # QC: a picture of the embedded slide (written by its actor) and one contact sheet with all three slides
+    from PIL import Image
+
+    qc = np.asarray(Image.open(io.BytesIO(storage.read_bytes(f"{s3_bucket}/qc/syn1.png"))))
+    assert (np.all(qc == (255, 215, 0), axis=-1)).sum() > 50                     # kept tile squares
+    sheet = Image.open(io.BytesIO(storage.read_bytes(f"{s3_bucket}/qc/contact_sheet_001.png")))
+    assert sheet.width > 3 * 256 and not storage.exists(f"{s3_bucket}/qc/contact_sheet_002.png")
     assert cat.loc["corrupt", "error"].startswith("SlideReadError")
     assert cat.loc["syn1", "n_tiles"] == _tile_count(cohort["syn1"])
     df = pd.read_parquet(f"{out}/features")

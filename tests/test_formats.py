@@ -91,11 +91,12 @@ def test_dicom_folder_gives_the_svs_grid_and_pixels_within_jpeg_error(cmu_small_
         idx = np.arange(len(g_svs))
         a = read_tiles(svs, g_svs, idx).astype(np.int16)
         b = read_tiles(dcm, g_svs, idx).astype(np.int16)
-        # tiles == OpenSlide's own read_region of the DICOM series
+        # the JPEG frames are decoded directly (fast path), pixel-identical to OpenSlide's own read_region
+        assert type(dcm._fast).__name__ == "DicomFrameDecoder" and dcm._fast.supports(0)
         direct = openslide.OpenSlide(dcm.local_path)
-        x, y = int(g_svs.x[7]), int(g_svs.y[7])
-        ref = composite_on_white(np.asarray(direct.read_region((x, y), 0, (256, 256))))
-        assert np.array_equal(b[7], ref)
+        for x, y, w, h in [(int(g_svs.x[7]), int(g_svs.y[7]), 256, 256), (100, 37, 517, 300), (2000, 2800, 300, 300)]:
+            ref = composite_on_white(np.asarray(direct.read_region((x, y), 0, (w, h))))
+            assert np.array_equal(dcm.read_region(x, y, 0, w, h), ref), (x, y)
         direct.close()
     err = np.abs(a - b)
     psnr = 10 * np.log10(255.0**2 / np.mean((a - b).astype(np.float64) ** 2))
@@ -282,6 +283,29 @@ def test_mpp_from_magnification_is_opt_in_and_units_are_read(flavours, tmp_path)
     with open_slide(flavours["generic-lzw"], mpp_override=0.6) as s:
         assert "disagrees" in s.mpp_warning and "20%" in s.mpp_warning
     assert mpp_disagreement(0.52, 0.5) is None and mpp_disagreement(0.45, 0.5) is None
+
+
+def test_mpp_flags_reach_the_tile_cli_and_the_feature_file(flavours, tmp_path, tiny_encoder, capsys):
+    import argparse
+
+    from her2ray.cli.tile import add_parser
+    from her2ray.features.embed import EmbedConfig, embed_slide, load_engine_encoder
+
+    parser = argparse.ArgumentParser(prog="her2ray")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["tile", flavours["aperio-nompp-40x"], "--out", str(tmp_path / "g.parquet"),
+                              "--mpp-from-magnification"])
+    assert args.func(args) == 0 and "0.25 um/px (magnification)" in capsys.readouterr().out
+    args = parser.parse_args(["tile", flavours["generic-lzw"], "--out", str(tmp_path / "g2.parquet"),
+                              "--mpp-override", "0.6"])
+    assert args.func(args) == 0 and "warning:" in capsys.readouterr().out
+    # the manifest mpp wins, and its disagreement with the file is kept in the feature file's provenance
+    cfg = EmbedConfig(encoder="open_clip", weights=tiny_encoder)
+    row = {"slide_id": "lzw", "path": flavours["generic-lzw"], "mpp": 0.6}
+    assert embed_slide(row, load_engine_encoder(cfg), cfg, str(tmp_path))["status"] == "ok"
+    extra = read_slide_features(feature_url(str(tmp_path), "lzw")).meta.extra
+    assert extra["mpp_source"] == "override" and extra["mpp_file"] == pytest.approx(0.5)
+    assert "disagrees" in extra["mpp_warning"]
 
 
 # ---- every format in one manifest, local and S3, embedded end to end ------------------------------------

@@ -20,7 +20,7 @@ from her2ray import storage
 from her2ray.cli import main
 from her2ray.errors import ConfigError, ManifestError
 from her2ray.features.schema import feature_url
-from her2ray.labels import PROB_COLUMNS
+from her2ray.labels import PROB_COLUMNS, UNCAL_PROB_COLUMNS
 from her2ray.training import TrainConfig, load_best_model, load_fold_models
 from her2ray.training.loop import FoldSpec, InjectedFailure, class_weights, is_improvement, train_fold
 from her2ray.training.run import FAIL_HOOK_ENV, TrainingFailedError, prepare_inputs, train_cv
@@ -199,7 +199,12 @@ def test_local_cv_run_writes_every_output(cohort, tmp_path, capsys):
     test = pq.read_table(os.path.join(out, "test_predictions.parquet")).to_pandas()
     assert {"fold0_prob_her2_0", "fold1_prob_her2_3plus", "prob_her2_2plus", "pred_score"} <= set(test.columns)
     assert len(test) == 7
-    np.testing.assert_allclose(test["prob_her2_0"], (test["fold0_prob_her2_0"] + test["fold1_prob_her2_0"]) / 2)
+    np.testing.assert_allclose(test["prob_uncal_her2_0"], (test["fold0_prob_her2_0"] + test["fold1_prob_her2_0"]) / 2)
+    # prob_her2_* = calibration.json applied to each fold, then averaged
+    from her2ray.training.calibration import load_calibration
+    cal = load_calibration(out)
+    folds_p = np.stack([test[[f"fold{k}_{c}" for c in PROB_COLUMNS]].to_numpy() for k in (0, 1)])
+    np.testing.assert_allclose(test[list(PROB_COLUMNS)].to_numpy(), cal.apply_ensemble(folds_p))
 
     metrics = json.loads(open(os.path.join(out, "metrics.json")).read())
     y = oof["her2_score"].map({"0": 0, "1+": 1, "2+": 2, "3+": 3}).to_numpy()
@@ -223,7 +228,7 @@ def test_local_cv_run_writes_every_output(cohort, tmp_path, capsys):
     with torch.no_grad():
         p = torch.softmax(models[0][1](batch["features"], batch["anchor_dist"], batch["tile_mask"],
                                        batch["kernel_mask"]), 1)[0].numpy()
-    np.testing.assert_allclose(p, oof[oof.slide_id == sid][list(PROB_COLUMNS)].to_numpy()[0], atol=1e-5)
+    np.testing.assert_allclose(p, oof[oof.slide_id == sid][list(UNCAL_PROB_COLUMNS)].to_numpy()[0], atol=1e-5)
 
     # a finished run is not retrained; another protocol on the same folder is refused
     again = train_cv(cohort["store"], cohort["train"], out, cfg, test_manifest=cohort["test"], local=True)

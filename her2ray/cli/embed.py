@@ -8,9 +8,10 @@ the rest of the cohort is still embedded), 2 for bad input (manifest, config, en
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 from typing import Any
 
+from .. import console
 from ..config import yaml_section
 from ..errors import ConfigError
 
@@ -59,9 +60,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="worker crashes on one slide after which it is failed (default 2; Ray retries it until then)")
     p.add_argument("--overwrite", action="store_true", help="recompute slides that already have feature files")
     p.add_argument("--config", default=None, help="YAML file; its `embed` section gives defaults, flags win")
+    p.add_argument("--qc-dir", default=None,
+                   help="write a tissue-detection QC picture per embedded slide (thumbnail + tissue outline + kept "
+                        "tiles) and contact sheets of 30 slides per PNG into this folder (local or s3://)")
     p.add_argument("--no-progress", action="store_true", help="no per-slide progress lines")
     p.set_defaults(func=run)
     return p
+
+
+def _absolute(url: str | None) -> str | None:
+    """Local folders are made absolute: Ray workers may run in another working directory."""
+    from .. import storage
+
+    return os.path.abspath(url) if url and storage.is_local(url) else url
 
 
 def build_config(args) -> tuple[Any, dict[str, Any]]:
@@ -79,7 +90,7 @@ def build_config(args) -> tuple[Any, dict[str, Any]]:
             tiling[key] = getattr(args, flag)
     flags = {"encoder": args.encoder, "weights": args.weights, "precision": args.precision,
              "device": args.device, "batch_size": args.batch_size, "read_workers": args.read_workers,
-             "stain_normalization": args.stain_normalization,
+             "stain_normalization": args.stain_normalization, "qc_dir": _absolute(args.qc_dir),
              "mpp_from_magnification": args.mpp_from_magnification, "slide_backend": args.slide_backend}
     data.update({k: v for k, v in flags.items() if v is not None})
     data["tiling"] = tiling
@@ -112,6 +123,6 @@ def run(args) -> int:
     print(summary.table())
     if summary.n_failed:
         print(f"her2ray embed: {summary.n_failed} of {summary.n_slides} slide(s) failed "
-              f"(reasons in {summary.catalog_url})", file=sys.stderr)
+              f"(reasons in {summary.catalog_url})", file=console.stderr())
         return 1
     return 0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from .. import console
 from ..config import yaml_section
 
 
@@ -58,8 +58,13 @@ def run(args) -> int:
 
     summary = score_cohort(_config(args))
     counts = ", ".join(f"{k}: {v}" for k, v in summary.class_counts.items())
-    print(f"scored {summary.n_scored}/{summary.n_requested} slides in {summary.seconds:.1f} s "
+    t = summary.timing
+    scoring = (f"scored {summary.n_scored}/{summary.n_requested} slides in {t['scoring_s']:.1f} s of scoring "
+               f"(start-up {summary.startup_s:.1f} s: Ray {t.get('ray_start_s', 0):.1f} s, actors + fold models "
+               f"{t.get('actor_startup_s', 0):.1f} s; wall {summary.seconds:.1f} s) " if "scoring_s" in t else
+               f"scored {summary.n_scored}/{summary.n_requested} slides in {summary.seconds:.1f} s ")
+    print(scoring +
           f"({summary.n_failed} not scored, see {summary.out}/failed.csv); predicted {counts}; "
           f"HER2-low {summary.n_her2_low}; model {summary.model.get('run_id')} "
-          f"sha256 {str(summary.model.get('sha256'))[:12]}", file=sys.stderr)
+          f"sha256 {str(summary.model.get('sha256'))[:12]}", file=console.stderr())
     return 0

@@ -13,13 +13,24 @@ from typing import Any
 _FLAG_KEYS = ("folds", "seed", "model", "split_by", "balance", "max_epochs", "patience", "batch_size", "lr",
               "weight_decay", "aug_rate", "address", "cpus_per_fold", "gpus_per_fold", "max_concurrent_folds",
               "max_failures", "dim", "depth", "heads", "dim_head", "mlp_dim", "npk", "max_nodes", "dropout",
-              "sg_layers", "sg_dropout", "sg_pooling", "graph_lambda_d", "graph_lambda_f", "graph_lambda_h")
+              "sg_layers", "sg_dropout", "sg_pooling", "graph_lambda_d", "graph_lambda_f", "graph_lambda_h",
+              "torch_threads", "deterministic", "calibration", "screening_endpoints", "screening_sensitivities")
 
 
 def _centers(value: str) -> list[str]:
     items = [c.strip() for c in value.split(",") if c.strip()]
     if not items:
         raise argparse.ArgumentTypeError("expected a comma-separated list of centers")
+    return items
+
+
+def _sensitivities(value: str) -> list[float]:
+    try:
+        items = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected comma-separated sensitivities, e.g. 0.9,0.95") from None
+    if not items:
+        raise argparse.ArgumentTypeError("expected at least one sensitivity")
     return items
 
 
@@ -54,6 +65,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--gpus-per-fold", type=float, help="GPUs per fold worker (e.g. 0.2 = 5 folds per GPU)")
     p.add_argument("--max-concurrent-folds", type=int, help="folds running at once (0 = all)")
     p.add_argument("--max-failures", type=int, help="Ray Train restarts per fold before giving up (default 1)")
+    p.add_argument("--torch-threads", type=int, help="torch threads inside every fold, pinned so results are "
+                                                      "bit-identical however folds are placed (default 1)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="torch.use_deterministic_algorithms(True) (for GPUs; CPU runs are deterministic anyway)")
+    p.add_argument("--calibration", choices=("auto", "temperature", "vector", "none"),
+                   help="post-hoc calibration fitted on the OOF predictions (default auto: temperature unless "
+                        "vector scaling is clearly better)")
+    p.add_argument("--screening-endpoints", type=_centers,
+                   help="endpoints that get screening operating points (default her2_0_vs_low,her2_low_vs_positive)")
+    p.add_argument("--screening-sensitivities", type=_sensitivities,
+                   help="target sensitivities of the operating points (default 0.9,0.95)")
     for name, typ, hint in (("dim", int, 256), ("depth", int, 4), ("heads", int, 8), ("dim-head", int, 64),
                             ("mlp-dim", int, 512), ("npk", int, 144), ("max-nodes", int, 4096),
                             ("dropout", float, 0.5)):
@@ -111,6 +133,11 @@ def run(args: argparse.Namespace) -> int:
           + (f"; test (ensemble) {_fmt(summary['test_auc'])}" if summary["test_auc"] is not None else ""))
     if summary["excluded"]:
         print(f"excluded {len(summary['excluded'])} slide(s): see {args.out}/excluded_slides.parquet")
+    t = summary.get("timing") or {}
+    if "training_s" in t:
+        print(f"time: start-up {t['ray_start_s'] + t['fold_startup_s']:.1f} s (Ray start {t['ray_start_s']:.1f} s, "
+              f"fold workers {t['fold_startup_s']:.1f} s); training {t['training_s']:.1f} s; inputs "
+              f"{t['prepare_s']:.1f} s, reports {t['outputs_s']:.1f} s; wall {summary['seconds']:.1f} s")
     print(f"wrote {args.out}")
     return 0
 

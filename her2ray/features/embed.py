@@ -54,6 +54,8 @@ class EmbedConfig(StageConfig):
     #: fsspec options for the store and remote slides (endpoint, region...). Excluded from run.json and
     #: reprs; prefer credentials from the environment / instance role over putting them here.
     storage_options: dict[str, Any] | None = Field(None, exclude=True, repr=False)
+    #: folder for tissue-detection QC pictures (<qc_dir>/<slide_id>.png + contact sheets); None = none
+    qc_dir: str | None = None
 
     @field_validator("stain_normalization")
     @classmethod
@@ -101,6 +103,14 @@ def meta_resume_key(meta: FeatureFileMeta) -> dict[str, Any]:
     return {**meta.settings_key(), "tiling": (meta.extra or {}).get("tiling")}
 
 
+def _torch_threads(device) -> int | None:
+    """Intra-op threads the encoder ran with on CPU (provenance only: features are bit-identical for any
+    count on one machine, see tests/test_reproducibility.py; None on GPU)."""
+    import torch
+
+    return int(torch.get_num_threads()) if str(device).startswith("cpu") else None
+
+
 def status_row(row: Mapping[str, Any], status: str, *, error: str | None = None, n_tiles: int = 0,
                mpp: float | None = None, level: int | None = None, seconds: float = 0.0,
                **timing: float) -> dict[str, Any]:
@@ -121,6 +131,16 @@ def _mpp_override(row: Mapping[str, Any]) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if value > 0 and np.isfinite(value) else None
+
+
+def _write_qc(reader, grid, cfg: EmbedConfig, sid: str) -> None:
+    """The slide's QC picture (her2ray.tiling.qc); a failure to draw it never fails the slide."""
+    from ..tiling.qc import write_slide_qc
+
+    try:
+        write_slide_qc(reader, grid, cfg.qc_dir, sid, cfg.storage_options)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("QC picture of %s not written: %s", sid, exc)
 
 
 def _mpp_provenance(reader, slide_id: str) -> dict[str, Any]:
@@ -153,9 +173,11 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
         with open_slide(row["path"], mpp_override=_mpp_override(row), backend=cfg.slide_backend,
                         cache=cache, mpp_from_magnification=cfg.mpp_from_magnification) as reader:
             beat("planning tissue tiles")
-            grid = plan_tiles(reader, cfg.tiling, keep_mask=False)
+            grid = plan_tiles(reader, cfg.tiling, keep_mask=cfg.qc_dir is not None)
             mpp_info = _mpp_provenance(reader, sid)
             mpp, level = grid.slide_mpp, grid.level
+            if cfg.qc_dir:
+                _write_qc(reader, grid, cfg, sid)
             feats = np.empty((len(grid), encoder.dim), dtype=np.float16)
             wait = encode = 0.0
             batches = iter_tile_batches(reader, grid, batch_size=encoder.batch_size,
@@ -181,6 +203,7 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
             extra={"tiling": cfg.tiling.to_dict(), "grid": grid.metadata(), "slide_path": str(row["path"]),
                    **mpp_info,
                    "precision": encoder.precision, "device": str(encoder.device),
+                   "torch_threads": _torch_threads(encoder.device),
                    "random_weights": bool(encoder.random_weights)})
         beat("writing the feature file")
         table = build_feature_table(sid, grid.x, grid.y, grid.tissue_fraction, feats, meta)

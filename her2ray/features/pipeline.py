@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from .. import resources, storage, watchdog
 from ..heartbeat import RunHeartbeat
+from ..preflight import preflight_rows
 from ..ray_runtime import ensure_ray
 from ..provenance import run_record
 from . import catalog
@@ -92,6 +93,9 @@ class EmbedSummary:
     actors: dict[str, Any] = field(default_factory=dict)
     catalog_url: str = ""
     run_url: str = ""
+    #: where the wall time went: preflight_s, encoder_load_s (driver), ray_start_s, actor_startup_s (actors
+    #: started + encoder loaded until the first slide began), embed_s (first slide began -> last slide done)
+    timing: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_failed(self) -> int:
@@ -99,12 +103,20 @@ class EmbedSummary:
 
     @property
     def tiles_per_s(self) -> float:
-        return self.n_tiles_embedded / self.seconds if self.seconds > 0 else 0.0
+        """Embedding throughput: tiles over the time slides were being embedded (start-up excluded)."""
+        span = self.timing.get("embed_s") or self.seconds
+        return self.n_tiles_embedded / span if span > 0 else 0.0
+
+    @property
+    def startup_s(self) -> float:
+        return sum(self.timing.get(k, 0.0) for k in ("preflight_s", "encoder_load_s", "ray_start_s",
+                                                        "actor_startup_s"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "n_slides": self.n_slides, "counts": self.counts,
                 "n_tiles_embedded": self.n_tiles_embedded, "seconds": round(self.seconds, 3),
-                "tiles_per_s": round(self.tiles_per_s, 2), "failed": self.failed, "actors": self.actors}
+                "tiles_per_s": round(self.tiles_per_s, 2), "failed": self.failed, "actors": self.actors,
+                "timing": {k: round(v, 3) for k, v in self.timing.items()}}
 
     def table(self) -> str:
         """Human summary printed at the end of a run."""
@@ -112,7 +124,13 @@ class EmbedSummary:
                  f"  ok       {self.counts.get(STATUS_OK, 0):6d}",
                  f"  skipped  {self.counts.get(STATUS_SKIPPED, 0):6d}   (already embedded with the same settings)",
                  f"  failed   {self.counts.get(STATUS_FAILED, 0):6d}",
-                 f"  tiles embedded {self.n_tiles_embedded} in {self.seconds:.1f} s ({self.tiles_per_s:.1f} tiles/s)",
+                 f"  tiles embedded {self.n_tiles_embedded} in {self.timing.get('embed_s', self.seconds):.1f} s of "
+                 f"embedding ({self.tiles_per_s:.1f} tiles/s)",
+                 f"  start-up {self.startup_s:.1f} s (" + ", ".join(
+                     f"{label} {self.timing[k]:.1f} s" for k, label in (
+                         ("preflight_s", "preflight"), ("encoder_load_s", "encoder check"),
+                         ("ray_start_s", "Ray start"), ("actor_startup_s", "actors + model load"))
+                     if k in self.timing) + f"); wall {self.seconds:.1f} s",
                  f"  encoder {self.encoder.get('name')} [{self.encoder.get('architecture')}] weights "
                  f"{str(self.encoder.get('weights_sha256'))[:12]}"
                  + ("  ** RANDOM WEIGHTS **" if self.encoder.get("random_weights") else "")]
@@ -195,16 +213,26 @@ def _embed_locked(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig,
     t0 = time.perf_counter()
     so = cfg.storage_options
     rows = [dict(r) for r in rows]
+    # Preflight before the encoder and Ray: missing/unreadable slides fail now, with the reason, not in a worker.
+    checked = preflight_rows(rows, so)
+    timing = {"preflight_s": checked.seconds}
+    preflight_failed = [status_row(r, STATUS_FAILED, error=r["reason"]) for r in checked.failed]
+    for f in checked.failed[:20]:
+        log.warning("slide %s failed: %s", f["slide_id"], f["reason"])
+    if not checked.ok:
+        return _all_failed(rows, out, cfg, preflight_failed, manifest, timing, t0)
 
     # The encoder's identity (weights SHA-256) is part of the resume key; loading it here also fails fast on
     # bad --encoder/--weights before any worker starts.
+    t_enc = time.perf_counter()
     identity = load_engine_encoder(cfg.model_copy(update={"device": "cpu", "precision": "fp32"})).identity
+    timing["encoder_load_s"] = time.perf_counter() - t_enc
     identity = {k: v for k, v in identity.items() if k not in ("device", "precision")}   # the driver's, not actors'
     settings = {k: identity[k] for k in ("name", "architecture", "weights_sha256", "dim", "random_weights",
                                          "preprocess") if k in identity}
     normalizer = cfg.stain_normalizer()
     key = resume_key(settings, cfg.tiling, None if normalizer is None else normalizer.name)
-    plan = catalog.plan_resume(rows, out, key, overwrite=overwrite, storage_options=so)
+    plan = catalog.plan_resume(checked.ok, out, key, overwrite=overwrite, storage_options=so)
     if plan.stale:
         log.info("%d slide(s) have feature files made with other settings: recomputing them (e.g. %s)",
                  len(plan.stale), plan.stale[0])
@@ -219,11 +247,11 @@ def _embed_locked(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig,
     actors: dict[str, Any] = {}
     with heart:
         if plan.todo:
-            results, actors = _embed_todo(plan.todo, out, cfg, address=address, num_actors=num_actors,
+            results, actors = _embed_todo(plan.todo, out, cfg, timing, address=address, num_actors=num_actors,
                                           num_gpus_per_actor=num_gpus_per_actor,
                                           num_cpus_per_actor=num_cpus_per_actor, progress=progress,
                                           slide_timeout=slide_timeout, max_worker_crashes=max_worker_crashes)
-    statuses = list(plan.skipped)
+    statuses = preflight_failed + list(plan.skipped)
     for r in plan.todo:
         statuses.append(results.get(r["slide_id"]) or status_row(
             r, STATUS_FAILED, error="no result from the worker (process crashed or the block errored; "
@@ -231,6 +259,8 @@ def _embed_locked(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig,
     table = catalog.build_catalog(rows, statuses)
     lease.check()                     # never commit the catalog after another run took the store over
     catalog_url = catalog.write_catalog(out, table, so)
+    if cfg.qc_dir:
+        _contact_sheets(cfg, table)
     counts = {s: 0 for s in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)}
     for s in statuses:
         counts[s["status"]] = counts.get(s["status"], 0) + 1
@@ -241,19 +271,21 @@ def _embed_locked(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig,
         failed=[{"slide_id": s["slide_id"], "error": str(s["error"])} for s in statuses
                 if s["status"] == STATUS_FAILED],
         encoder=identity, actors={k: v for k, v in actors.items() if v is not None},
-        catalog_url=catalog_url, run_url=run_url)
+        catalog_url=catalog_url, run_url=run_url, timing=timing)
     _write_run(run_url, heart.final(status="finished", summary=summary.to_dict()), so)
     return summary
 
 
-def _embed_todo(todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, *, address: str | None,
-                num_actors: int | None, num_gpus_per_actor: float | None, num_cpus_per_actor: float | None,
-                progress: bool, slide_timeout: float | None, max_worker_crashes: int | None
-                ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def _embed_todo(todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, timing: dict[str, float], *,
+                address: str | None, num_actors: int | None, num_gpus_per_actor: float | None,
+                num_cpus_per_actor: float | None, progress: bool, slide_timeout: float | None,
+                max_worker_crashes: int | None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Ray part of a run: size actors per node (fail fast when none fits), run them under the watchdog."""
     import ray
 
+    t_ray = time.perf_counter()
     ensure_ray(address, log_to_driver=False)
+    timing["ray_start_s"] = time.perf_counter() - t_ray
     shapes = resources.cluster_shapes()
     log.info("Ray nodes: %s", "; ".join(s.describe() for s in shapes))
     actors = plan_actors(shapes, len(todo), num_actors=num_actors,
@@ -263,7 +295,34 @@ def _embed_todo(todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, *, addre
     guard = watchdog.GuardConfig(
         timeout_s=watchdog.DEFAULT_SLIDE_TIMEOUT_S if slide_timeout is None else float(slide_timeout),
         max_crashes=watchdog.DEFAULT_MAX_CRASHES if max_worker_crashes is None else int(max_worker_crashes))
-    return _run_actors(ray, todo, out, cfg, actors, progress, guard), actors
+    return _run_actors(ray, todo, out, cfg, actors, progress, guard, timing), actors
+
+
+def _contact_sheets(cfg: EmbedConfig, catalog_table: pa.Table) -> None:
+    from ..tiling.qc import write_contact_sheets
+
+    sheets = write_contact_sheets(cfg.qc_dir, catalog_table.select(["slide_id", "status", "error", "n_tiles"]).to_pylist(),
+                                  storage_options=cfg.storage_options)
+    log.info("QC pictures: %d contact sheet(s) in %s", len(sheets), cfg.qc_dir)
+
+
+def _all_failed(rows, out: str, cfg: EmbedConfig, statuses: list[dict[str, Any]], manifest: str | None,
+                timing: dict[str, float], t0: float) -> EmbedSummary:
+    """Every row failed preflight: write the catalog and run.json and stop, without loading an encoder or Ray."""
+    so = cfg.storage_options
+    table = catalog.build_catalog(rows, statuses)
+    catalog_url = catalog.write_catalog(out, table, so)
+    if cfg.qc_dir:
+        _contact_sheets(cfg, table)
+    run_url = storage.join(out, RUN_FILE)
+    summary = EmbedSummary(
+        out=out, n_slides=len(rows), counts={STATUS_OK: 0, STATUS_SKIPPED: 0, STATUS_FAILED: len(statuses)},
+        n_tiles_embedded=0, seconds=time.perf_counter() - t0,
+        failed=[{"slide_id": s["slide_id"], "error": str(s["error"])} for s in statuses],
+        catalog_url=catalog_url, run_url=run_url, timing=timing)
+    _write_run(run_url, {**run_record("embed", cfg.to_dict(), manifest=manifest, n_slides=len(rows)),
+                         "status": "finished", "summary": summary.to_dict()}, so)
+    return summary
 
 
 def _write_run(url: str, record: dict[str, Any], storage_options: Mapping[str, Any] | None) -> None:
@@ -273,7 +332,8 @@ def _write_run(url: str, record: dict[str, Any], storage_options: Mapping[str, A
 
 
 def _run_actors(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, actors: dict[str, Any],
-                progress: bool, guard: watchdog.GuardConfig | None = None) -> dict[str, dict[str, Any]]:
+                progress: bool, guard: watchdog.GuardConfig | None = None,
+                timing: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
     """Map the engine over ``todo`` on an actor pool; returns status rows by slide id as they stream in."""
     items = [{"slide_id": r["slide_id"], "path": str(r["path"]),
               "mpp": None if r.get("mpp") in (None, "") else float(r["mpp"])} for r in todo]
@@ -304,8 +364,12 @@ def _run_actors(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, act
                 **remote, **watchdog.ray_task_options(guard))
         meter = _Progress(len(items), enabled=progress)
         results: dict[str, dict[str, Any]] = {}
+        t_start = time.perf_counter()
+        work_started = None
         for row in statuses.iter_rows():
             row = dict(row)
+            if work_started is None:   # the first slide began this long before its result arrived
+                work_started = meter.t0 = time.perf_counter() - float(row.get("seconds") or 0.0)
             results[str(row["slide_id"])] = row
             meter.update(row)
         missing = [r for r in todo if r["slide_id"] not in results]
@@ -315,6 +379,9 @@ def _run_actors(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, act
                 results[r["slide_id"]] = status_row(
                     r, STATUS_FAILED, error=watchdog.missing_reason(r["slide_id"], report, guard))
                 meter.update(results[r["slide_id"]])
+        if timing is not None and work_started is not None:
+            timing["actor_startup_s"] = max(0.0, work_started - t_start)
+            timing["embed_s"] = time.perf_counter() - work_started
         return results
     finally:
         ctx.max_errored_blocks, ctx.enable_progress_bars = saved

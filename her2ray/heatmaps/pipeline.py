@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from pydantic import Field
 
-from .. import resources, storage, watchdog
+from .. import console, resources, storage, watchdog
 from ..ray_runtime import ensure_ray
 from ..config import StageConfig
 from ..errors import ConfigError, FeatureStoreError
@@ -35,7 +35,7 @@ from ..features.schema import feature_url
 from ..labels import PROB_COLUMNS
 from ..scoring.engine import ATTENTION_META_KEY
 from .geojson import tiles_feature_collection, write_geojson
-from .render import PERCEPTUAL_CMAPS, prediction_title, render_heatmap
+from .render import PERCEPTUAL_CMAPS, prediction_title, relative_attention, render_heatmap
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,15 @@ class HeatmapConfig(StageConfig):
 
     out: str
     max_px: int = Field(1024, ge=32, le=8192, description="longer side of the thumbnail panels")
-    cmap: str = "magma"
+    cmap: str = "viridis"
     alpha: float = Field(0.6, gt=0, le=1)
     normalize: str = Field("minmax", pattern="^(minmax|rank|none)$")
+    #: colour scale: per slide (``normalize``) or one range for the cohort (attention / slide mean)
+    scale: str = Field("slide", pattern="^(slide|cohort)$")
+    #: (lo, hi) of the cohort scale; filled in by ``render_cohort`` from every slide's attention
+    cohort_range: tuple[float, float] | None = None
+    #: no overlay off tissue (tissue mask of the thumbnail)
+    tissue_only: bool = True
     png: bool = True
     geojson: bool = True
     measurement: str = "attention"
@@ -73,6 +79,7 @@ class HeatmapJob:
     tile_size: float | None = None      # level-0 px; None = from the attention/feature file metadata
     feature_url: str | None = None
     mpp: float | None = None
+    truth: str | None = None            # HER2 score from the manifest, shown beside the prediction
 
 
 def read_attention(url: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -122,9 +129,14 @@ def render_slide(job: HeatmapJob, cfg: HeatmapConfig) -> dict[str, Any]:
             with open_slide(job.slide_path, mpp_override=job.mpp) as reader:
                 thumb = reader.thumbnail(cfg.max_px)
                 dims = reader.dimensions
-            png, _ = render_heatmap(thumb, dims, x, y, scores, size,
-                                    title=prediction_title(job.slide_id, job.prediction), cmap=cfg.cmap,
-                                    alpha=cfg.alpha, normalize=cfg.normalize)
+                slide_mpp = meta.get("slide_mpp") or _reader_mpp(reader)
+            shown = relative_attention(scores) if cfg.scale == "cohort" else scores
+            png, _ = render_heatmap(thumb, dims, x, y, shown, size,
+                                    title=prediction_title(job.slide_id, job.prediction, job.truth), cmap=cfg.cmap,
+                                    alpha=cfg.alpha, normalize=cfg.normalize, slide_mpp=slide_mpp,
+                                    value_range=cfg.cohort_range if cfg.scale == "cohort" else None,
+                                    tissue=_tissue(thumb) if cfg.tissue_only else None,
+                                    random_weights=_random_weights(job, meta))
             url = storage.join(cfg.out, f"{job.slide_id}.png")
             storage.write_bytes_atomic(url, png)
             status["png"] = url
@@ -151,6 +163,43 @@ def _render_task(job_dict: dict[str, Any], cfg_dict: dict[str, Any], ledger=None
     return guard.run(job.slide_id, job.slide_path, lambda: render_slide(job, cfg),
                      lambda reason: _failed_status(job.slide_id, reason))
 
+def _reader_mpp(reader) -> float | None:
+    try:
+        return float(reader.mpp)
+    except Exception:  # noqa: BLE001 - no MPP: the picture simply has no scale bar
+        return None
+
+
+def _tissue(thumb: np.ndarray) -> np.ndarray | None:
+    from ..tiling.mask import tissue_mask
+
+    try:
+        return tissue_mask(thumb, fill_holes=False)
+    except Exception:  # noqa: BLE001 - no mask: the overlay covers every tile
+        return None
+
+
+def _random_weights(job: HeatmapJob, meta: dict[str, Any]) -> bool:
+    """Whether the features came from a random-weight encoder (attention metadata, else the feature file)."""
+    if "encoder_random_weights" in meta:
+        return bool(meta["encoder_random_weights"])
+    if job.feature_url:
+        try:
+            raw = storage.read_parquet_metadata(job.feature_url).get(FEATURE_META_KEY)
+            return bool(json.loads(raw).get("encoder", {}).get("random_weights")) if raw else False
+        except Exception:  # noqa: BLE001
+            return False
+    return False
+
+
+def cohort_range(jobs: list[HeatmapJob], percentile: float = 99.0) -> tuple[float, float]:
+    """(0, p-th percentile) of attention / slide mean over every tile of every slide: one colour scale."""
+    values = [relative_attention(read_attention(j.attention_url)[2]) for j in jobs]
+    values = [v[np.isfinite(v)] for v in values]
+    allv = np.concatenate(values) if values else np.zeros(0)
+    hi = float(np.percentile(allv, percentile)) if len(allv) else 1.0
+    return 0.0, max(hi, 1.0)
+
 
 # ------------------------------------------------------------------------------------------------------
 # Driver: which slides, from where
@@ -170,7 +219,8 @@ def resolve_slides(slides: Iterable[str]) -> dict[str, dict[str, Any]]:
     if len(slides) == 1 and slides[0].lower().endswith(MANIFEST_SUFFIXES):
         from ..manifest import load_manifest
 
-        return {r["slide_id"]: {"path": r["path"], "mpp": r.get("mpp")} for r in load_manifest(slides[0])}
+        return {r["slide_id"]: {"path": r["path"], "mpp": r.get("mpp"), "truth": r.get("her2_score") or None}
+                for r in load_manifest(slides[0])}
     out: dict[str, dict[str, Any]] = {}
     for path in slides:
         sid = slide_id_from_path(path)
@@ -224,8 +274,22 @@ def plan_jobs(attention_dir: str, slides: Iterable[str], predictions: str | None
             continue
         jobs.append(HeatmapJob(slide_id=sid, slide_path=paths[sid]["path"], attention_url=attention[sid],
                                prediction=preds.get(sid), tile_size=tile_size, mpp=paths[sid].get("mpp"),
+                               truth=None if paths[sid].get("truth") is None else str(paths[sid]["truth"]),
                                feature_url=feature_url(features, sid) if features else None))
     return jobs, failed
+
+
+def preflight_jobs(jobs: list[HeatmapJob]) -> tuple[list[HeatmapJob], list[dict[str, Any]]]:
+    """Jobs whose slide passes ``her2ray.preflight`` (exists, regular readable file / S3 object), and failed
+    status rows for the others, before any Ray task starts."""
+    from ..preflight import check_paths
+
+    reasons = check_paths([j.slide_path for j in jobs])
+    ok = [j for j in jobs if reasons.get(j.slide_path) is None]
+    failed = [{"slide_id": j.slide_id, "status": "failed", "reason": f"preflight: {j.slide_path}: "
+               f"{reasons[j.slide_path]}", "png": "", "geojson": "", "n_tiles": 0, "seconds": 0.0}
+              for j in jobs if reasons.get(j.slide_path) is not None]
+    return ok, failed
 
 
 def render_cohort(jobs: list[HeatmapJob], cfg: HeatmapConfig, local: bool = False,
@@ -234,11 +298,14 @@ def render_cohort(jobs: list[HeatmapJob], cfg: HeatmapConfig, local: bool = Fals
     if cfg.cmap not in PERCEPTUAL_CMAPS:
         raise ConfigError(f"colormap {cfg.cmap!r} is not perceptually uniform; use one of {PERCEPTUAL_CMAPS}")
     storage.makedirs(cfg.out)
+    if cfg.scale == "cohort" and cfg.cohort_range is None and jobs:
+        cfg = cfg.model_copy(update={"cohort_range": cohort_range(jobs)})
+        log.info("cohort colour scale: attention / slide mean in [%.2f, %.2f]", *cfg.cohort_range)
     bar = None
     if progress and jobs:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs), desc="heatmaps", unit="slide")
+        bar = tqdm(total=len(jobs), desc="heatmaps", unit="slide", file=console.stderr())
     results: dict[str, dict[str, Any]] = {}
     try:
         if local:
@@ -291,5 +358,5 @@ def write_status(out: str, rows: list[dict[str, Any]]) -> str:
     return url
 
 
-__all__ = ["HeatmapConfig", "HeatmapJob", "plan_jobs", "read_attention", "read_predictions", "render_cohort",
+__all__ = ["HeatmapConfig", "HeatmapJob", "cohort_range", "plan_jobs", "preflight_jobs", "read_attention", "read_predictions", "render_cohort",
            "render_slide", "resolve_slides", "slide_id_from_path", "write_status"]

@@ -144,11 +144,17 @@ def select_anchors(grid_rc: np.ndarray, n_clusters: int, *, seed: int = OFFICIAL
 
     Equivalent to the official ``np.argmin(KMeans(...).fit(pos).transform(pos), axis=0)`` (ties -> lowest
     index), but ``transform`` runs on row chunks so only chunk x m distances exist at any time.
+
+    KMeans runs on one OpenMP/BLAS thread: its per-thread partial sums make the centres (hence the anchors)
+    depend on the thread count otherwise, and the anchors must be identical in training and scoring on any
+    machine. A few thousand 2-D points take milliseconds either way.
     """
     from sklearn.cluster import KMeans
+    from threadpoolctl import threadpool_limits
 
     km = KMeans(n_clusters=n_clusters, random_state=seed, max_iter=max_iter, n_init=n_init)
-    km.fit(grid_rc)
+    with threadpool_limits(limits=1):
+        km.fit(grid_rc)
     best_d = np.full(n_clusters, np.inf)
     best_i = np.zeros(n_clusters, dtype=np.int64)
     for start in range(0, len(grid_rc), _ROWS_PER_CHUNK):

@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import storage
 from ..errors import ManifestError
-from ..labels import HER2_SCORES, PROB_COLUMNS, parse_her2_score
+from ..labels import HER2_SCORES, PROB_COLUMNS, UNCAL_PROB_COLUMNS, parse_her2_score
 from ..manifest import read_table, validate_slide_id
 from ..provenance import run_record
 from .bootstrap import DEFAULT_METRIC_KEYS, bootstrap_ci
@@ -27,6 +27,7 @@ from .calibration import calibration_summary
 from .markdown import render_report, write_report
 from .metrics import classification_metrics, predict
 from .plots import calibration_png, confusion_png, per_center_png, roc_curves_png
+from .screening import calibration_change_markdown, parse_column, screening_markdown, screening_summary
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class Predictions:
     probs: np.ndarray  # [n, 4] float64, rows renormalised to sum to exactly 1
     pred_score: list[int | None]
     unscored: list[str] = field(default_factory=list)  # rows whose four probabilities are all empty
+    probs_uncal: np.ndarray | None = None  # prob_uncal_her2_* when the file has them (calibrated scoring)
+    flags: dict[str, np.ndarray] = field(default_factory=dict)  # screen_* operating-point columns, bool [n]
 
 
 @dataclass
@@ -77,7 +80,10 @@ def load_predictions(url: str, tolerance: float = SUM_TOLERANCE) -> Predictions:
     if not rows:
         raise ManifestError("predictions table has no rows", file=url)
     seen: dict[str, int] = {}
-    ids, probs, preds, unscored = [], [], [], []
+    ids, probs, preds, unscored, uncal = [], [], [], [], []
+    has_uncal = all(c in table.column_names for c in UNCAL_PROB_COLUMNS)
+    flag_cols = [c for c in table.column_names if parse_column(c) is not None]
+    flags: dict[str, list[bool]] = {c: [] for c in flag_cols}
     for i, row in enumerate(rows, start=1):
         sid = validate_slide_id(row.get("slide_id"), file=url, row=i)
         if sid in seen:
@@ -88,23 +94,11 @@ def load_predictions(url: str, tolerance: float = SUM_TOLERANCE) -> Predictions:
         if all(_missing(v) for v in raw):
             unscored.append(sid)
             continue
-        vec = []
-        for col, value in zip(PROB_COLUMNS, raw):
-            if _missing(value):
-                raise ManifestError("empty probability (all four must be given, or none for a failed slide)",
-                                    file=url, row=i, column=col)
-            try:
-                v = float(value)
-            except (TypeError, ValueError):
-                raise ManifestError(f"probability must be a number, got {value!r}", file=url, row=i,
-                                    column=col) from None
-            if not (math.isfinite(v) and -1e-6 <= v <= 1 + 1e-6):
-                raise ManifestError(f"probability must be in [0, 1], got {value!r}", file=url, row=i, column=col)
-            vec.append(min(max(v, 0.0), 1.0))
-        total = sum(vec)
-        if abs(total - 1.0) > tolerance:
-            raise ManifestError(f"probabilities sum to {total:.4f}, expected 1 (+/- {tolerance}); are these "
-                                "logits or percentages?", file=url, row=i, column=",".join(PROB_COLUMNS))
+        vec = _prob_vector(row, PROB_COLUMNS, url, i, tolerance)
+        if has_uncal:
+            uncal.append(_prob_vector(row, UNCAL_PROB_COLUMNS, url, i, tolerance))
+        for col in flag_cols:
+            flags[col].append(_flag(row.get(col), url, i, col))
         pred = None
         if "pred_score" in row and not _missing(row.get("pred_score")):
             try:
@@ -112,10 +106,47 @@ def load_predictions(url: str, tolerance: float = SUM_TOLERANCE) -> Predictions:
             except ValueError as exc:
                 raise ManifestError(str(exc), file=url, row=i, column="pred_score") from None
         ids.append(sid)
-        probs.append([v / total for v in vec])
+        probs.append(vec)
         preds.append(pred)
     return Predictions(url=url, slide_ids=ids, probs=np.asarray(probs, dtype=np.float64).reshape(-1, 4),
-                       pred_score=preds, unscored=unscored)
+                       pred_score=preds, unscored=unscored,
+                       probs_uncal=np.asarray(uncal, dtype=np.float64).reshape(-1, 4) if has_uncal else None,
+                       flags={c: np.asarray(v, dtype=bool) for c, v in flags.items()})
+
+
+def _prob_vector(row: dict[str, Any], columns: tuple[str, ...], url: str, i: int, tolerance: float) -> list[float]:
+    """Four probabilities of one row, validated (numbers in [0, 1] summing to ~1) and renormalised."""
+    vec = []
+    for col in columns:
+        value = row.get(col)
+        if _missing(value):
+            raise ManifestError("empty probability (all four must be given, or none for a failed slide)",
+                                file=url, row=i, column=col)
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise ManifestError(f"probability must be a number, got {value!r}", file=url, row=i,
+                                column=col) from None
+        if not (math.isfinite(v) and -1e-6 <= v <= 1 + 1e-6):
+            raise ManifestError(f"probability must be in [0, 1], got {value!r}", file=url, row=i, column=col)
+        vec.append(min(max(v, 0.0), 1.0))
+    total = sum(vec)
+    if abs(total - 1.0) > tolerance:
+        raise ManifestError(f"probabilities sum to {total:.4f}, expected 1 (+/- {tolerance}); are these "
+                            "logits or percentages?", file=url, row=i, column=",".join(columns))
+    return [v / total for v in vec]
+
+
+def _flag(value: Any, url: str, i: int, column: str) -> bool:
+    """A screening flag cell: a boolean, or true/false/1/0 text (CSV)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    text = str(value).strip().lower() if value is not None else ""
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0"):
+        return False
+    raise ManifestError(f"screening flag must be true or false, got {value!r}", file=url, row=i, column=column)
 
 
 def load_labels(url: str) -> Labels:
@@ -215,6 +246,19 @@ def evaluate_predictions(predictions_url: str, manifest_url: str, out_url: str, 
     result["bootstrap"] = {"method": "percentile", "unit": "patients", "n_boot": int(n_boot), "seed": int(seed),
                            "alpha": 0.05, "n_patients": len(set(groups))}
     result["calibration"] = calibration_summary(y, p, n_bins=n_bins)
+    extra_md = ""
+    if preds.probs_uncal is not None:
+        before = calibration_summary(y, preds.probs_uncal[rows], n_bins=n_bins)
+        result["calibration_uncalibrated"] = before
+        result["calibration_change"] = {
+            "before": {"ece": before["ece"], "brier": before["brier"]},
+            "after": {"ece": result["calibration"]["ece"], "brier": result["calibration"]["brier"]}}
+        extra_md += calibration_change_markdown(result["calibration_change"]["before"],
+                                                result["calibration_change"]["after"], "before and after")
+    if preds.flags:
+        result["screening"] = screening_summary(y, {c: v[rows] for c, v in preds.flags.items()}, groups,
+                                                n_boot=n_boot, seed=seed)
+        extra_md += "\n" + screening_markdown(result["screening"])
     result["matching"] = matching
 
     centers = [labels.center[s] for s in evaluated]
@@ -235,6 +279,10 @@ def evaluate_predictions(predictions_url: str, manifest_url: str, out_url: str, 
         calibration_png(result["calibration"], storage.join(out_url, "calibration.png"))
         images = {"One-vs-rest ROC per class": "roc.png", "Confusion matrix": "confusion.png",
                   "Reliability diagram": "calibration.png"}
+        if "calibration_uncalibrated" in result:
+            calibration_png(result["calibration_uncalibrated"], storage.join(out_url, "calibration_uncalibrated.png"),
+                            title="Reliability diagram, uncalibrated (prob_uncal_her2_*)")
+            images["Reliability diagram before calibration"] = "calibration_uncalibrated.png"
         if per_center:
             per_center_png(per_center, storage.join(out_url, "per_center.png"))
             images["Metrics per center"] = "per_center.png"
@@ -255,6 +303,6 @@ def evaluate_predictions(predictions_url: str, manifest_url: str, out_url: str, 
                          per_center=per_center or None, matching=matching, images=images,
                          provenance={k: result["provenance"][k] for k in ("created_utc", "versions", "config",
                                                                           "inputs")})
-    write_report(storage.join(out_url, "report.md"), text)
+    write_report(storage.join(out_url, "report.md"), text + ("\n" + extra_md if extra_md else ""))
     log.info("evaluated %d slides -> %s", len(evaluated), out_url)
     return result

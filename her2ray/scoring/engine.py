@@ -3,7 +3,10 @@
 This is the unit of work the Ray Data actors run (``scoring.pipeline``) and what a notebook or a test calls
 directly. Per slide: read its feature file, build the KAT kernels exactly as training did (``build_kernels``
 with the checkpoint's ``npk``/``max_nodes`` and the file's ``tile_size_level0_px``), run every fold in eval
-mode, average the folds' softmax probabilities. With ``attention`` the per-tile attention is computed in the
+mode, calibrate each fold's softmax with the run's ``calibration.json`` and average over folds (the raw
+average is kept as ``prob_uncal_her2_*``), and flag the run's screening operating points
+(``operating_points.json``; one boolean ``screen_*`` column each).
+With ``attention`` the per-tile attention is computed in the
 same forward pass and written next to the predictions, so heatmaps never need the model again.
 
 A slide that cannot be scored yields a row with ``status="failed"`` and the reason: one bad file must not
@@ -24,7 +27,9 @@ import pyarrow as pa
 from .. import storage
 from ..errors import ConfigError, FeatureStoreError
 from ..features.schema import SlideFeatures, read_slide_features
-from ..labels import HER2_SCORES, NUM_CLASSES, PROB_COLUMNS, is_her2_low, score_name
+from ..labels import HER2_SCORES, NUM_CLASSES, PROB_COLUMNS, UNCAL_PROB_COLUMNS, is_her2_low, score_name
+from ..training.calibration import IDENTITY, Calibration, load_calibration
+from ..training.operating_points import apply_operating_points, load_operating_points
 from .checkpoints import (FoldCheckpoint, build_module, ensemble_sha256, find_fold_checkpoints,
                           load_checkpoint, run_id_of)
 
@@ -39,6 +44,7 @@ ATTENTION_META_KEY = b"her2ray_attention"
 RESULT_SCHEMA = pa.schema(
     [("slide_id", pa.string()), ("status", pa.string()), ("error", pa.string())]
     + [(c, pa.float64()) for c in PROB_COLUMNS]
+    + [(c, pa.float64()) for c in UNCAL_PROB_COLUMNS]
     + [("pred_score", pa.string()), ("pred_index", pa.int64()), ("her2_low", pa.bool_()),
        ("fold_std", pa.float64())]
     + [(c, pa.float64()) for c in STD_COLUMNS]
@@ -46,6 +52,14 @@ RESULT_SCHEMA = pa.schema(
        ("model_run_id", pa.string()), ("model_sha256", pa.string()), ("attention_url", pa.string()),
        ("seconds", pa.float64())]
 )
+
+
+def result_schema(flag_columns: Iterable[str] = ()) -> pa.Schema:
+    """``RESULT_SCHEMA`` plus one boolean column per screening operating point of the model run."""
+    schema = RESULT_SCHEMA
+    for c in flag_columns:
+        schema = schema.append(pa.field(c, pa.bool_()))
+    return schema
 
 
 @dataclass
@@ -74,7 +88,8 @@ class FoldEnsemble:
     """All folds of one training run, loaded once (an actor holds one for its whole life)."""
 
     def __init__(self, checkpoints: list[FoldCheckpoint], *, run_url: str = "", run_id: str = "",
-                 device: str = "cpu"):
+                 device: str = "cpu", calibration: Calibration = IDENTITY,
+                 operating_points: list[dict[str, Any]] | None = None):
         if not checkpoints:
             raise ConfigError(f"{run_url}: empty fold ensemble")
         self.checkpoints = sorted(checkpoints, key=lambda c: c.fold)
@@ -95,6 +110,9 @@ class FoldEnsemble:
         for c in self.checkpoints:   # weights now live in the modules; drop the second copy
             c.state_dict = {}
         self.sha256 = ensemble_sha256([c.sha256 for c in self.checkpoints])
+        self.calibration, self.operating_points = calibration, list(operating_points or [])
+        self.flag_columns = [op["column"] for op in self.operating_points]
+        self.schema = result_schema(self.flag_columns)
 
     @classmethod
     def from_run(cls, run_url: str, device: str | None = None,
@@ -102,7 +120,8 @@ class FoldEnsemble:
         """Load every ``RUN/folds/<k>/best.pt``. ``expected_sha256`` guards against a run changing mid-cohort."""
         device = device or default_device()
         refs = find_fold_checkpoints(run_url)
-        ens = cls([load_checkpoint(r) for r in refs], run_url=run_url, run_id=run_id_of(run_url), device=device)
+        ens = cls([load_checkpoint(r) for r in refs], run_url=run_url, run_id=run_id_of(run_url), device=device,
+                  calibration=load_calibration(run_url), operating_points=load_operating_points(run_url))
         if expected_sha256 and ens.sha256 != expected_sha256:
             raise ConfigError(f"{run_url}: checkpoints changed since scoring started "
                               f"(sha256 {ens.sha256[:12]} != expected {expected_sha256[:12]})")
@@ -112,7 +131,8 @@ class FoldEnsemble:
     def identity(self) -> dict[str, Any]:
         return {"run_url": self.run_url, "run_id": self.run_id, "sha256": self.sha256,
                 "model_name": self.model_name, "npk": self.npk, "max_nodes": self.max_nodes,
-                "patch_dim": self.patch_dim,
+                "patch_dim": self.patch_dim, "calibration": self.calibration.method,
+                "operating_points": self.flag_columns,
                 "folds": [{"fold": c.fold, "url": c.url, "sha256": c.sha256} for c in self.checkpoints]}
 
     # ------------------------------------------------------------------------------------------------
@@ -211,10 +231,10 @@ def default_device() -> str:
 # ------------------------------------------------------------------------------------------------------
 # Per-slide rows
 
-def empty_row(slide_id: str) -> dict[str, Any]:
-    row = {f.name: None for f in RESULT_SCHEMA}
+def empty_row(slide_id: str, flag_columns: Iterable[str] = ()) -> dict[str, Any]:
+    row = {f.name: None for f in result_schema(flag_columns)}
     row.update(slide_id=str(slide_id), status="failed", error="")
-    for c in PROB_COLUMNS + STD_COLUMNS + ("fold_std", "seconds"):
+    for c in PROB_COLUMNS + UNCAL_PROB_COLUMNS + STD_COLUMNS + ("fold_std", "seconds"):
         row[c] = float("nan")
     for c in ("n_tiles", "n_tiles_used", "n_folds", "pred_index"):
         row[c] = -1
@@ -222,16 +242,23 @@ def empty_row(slide_id: str) -> dict[str, Any]:
     return row
 
 
-def prediction_fields(fold_probs: np.ndarray) -> dict[str, Any]:
-    """Probabilities, predicted score, HER2-low flag and fold disagreement from the folds' softmax [F, C].
+def prediction_fields(fold_probs: np.ndarray, calibration: Calibration = IDENTITY,
+                      operating_points: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Probabilities, predicted score, HER2-low flag, screening flags and fold disagreement from the folds'
+    softmax [F, C].
 
-    ``fold_std`` is the (population) std over folds of the predicted class's probability: a cheap flag for
-    slides the folds disagree on. Per-class stds are kept too.
+    ``prob_her2_*`` = mean over folds of the calibrated fold probabilities, ``prob_uncal_her2_*`` = mean of the
+    raw ones; ``pred_score``/``her2_low`` and the ``screen_*`` flags use the calibrated ones. ``fold_std`` is the
+    (population) std over folds of the predicted class's raw probability: a cheap flag for slides the folds
+    disagree on. Per-class stds are kept too.
     """
-    probs = fold_probs.mean(axis=0)
+    raw = fold_probs.mean(axis=0)
+    probs = calibration.apply_ensemble(fold_probs)
     std = fold_probs.std(axis=0)
     pred = int(np.argmax(probs))
     out: dict[str, Any] = {c: float(p) for c, p in zip(PROB_COLUMNS, probs)}
+    out.update({c: float(p) for c, p in zip(UNCAL_PROB_COLUMNS, raw)})
+    out.update({c: bool(v[0]) for c, v in apply_operating_points(operating_points or [], probs[None, :]).items()})
     out.update({c: float(s) for c, s in zip(STD_COLUMNS, std)})
     out.update(pred_index=pred, pred_score=score_name(pred), her2_low=bool(is_her2_low(pred)),
                fold_std=float(std[pred]), n_folds=int(fold_probs.shape[0]))
@@ -272,7 +299,8 @@ def attention_table(sf: SlideFeatures, kept: np.ndarray, kept_scores: np.ndarray
     is_kept[kept] = True
     meta = {"slide_id": sf.slide_id, "tile_size_level0_px": float(sf.meta.tile_size_level0_px),
             "slide_mpp": sf.meta.slide_mpp, "score": "mean over folds of tile_attention_scores",
-            "model_run_id": (identity or {}).get("run_id"), "model_sha256": (identity or {}).get("sha256")}
+            "model_run_id": (identity or {}).get("run_id"), "model_sha256": (identity or {}).get("sha256"),
+            "encoder_random_weights": bool((sf.meta.encoder or {}).get("random_weights"))}
     table = pa.table({
         "slide_id": pa.array([sf.slide_id] * len(sf.x), type=pa.string()),
         "x": pa.array(sf.x, type=pa.int64()),
@@ -288,7 +316,7 @@ def score_features(ensemble: FoldEnsemble, sf: SlideFeatures, attention: bool = 
     """Prediction fields (no I/O) and, with ``attention``, the slide's attention table."""
     bag = ensemble.prepare(sf)
     out = ensemble.predict(bag, attention=attention)
-    fields = prediction_fields(out.fold_probs)
+    fields = prediction_fields(out.fold_probs, ensemble.calibration, ensemble.operating_points)
     fields.update(n_tiles=int(len(sf.x)), n_tiles_used=int(len(bag.kept)),
                   model_run_id=ensemble.run_id, model_sha256=ensemble.sha256)
     table = attention_table(sf, bag.kept, out.attention, ensemble.identity) if attention else None
@@ -299,7 +327,7 @@ def score_slide(ensemble: FoldEnsemble, slide_id: str, feature_url: str, out_dir
                 attention: bool = False) -> dict[str, Any]:
     """Score one slide from its feature file; never raises for a bad slide (status/error say why)."""
     t0 = time.perf_counter()
-    row = empty_row(slide_id)
+    row = empty_row(slide_id, ensemble.flag_columns)
     try:
         sf = read_slide_features(feature_url)
         if sf.slide_id != slide_id:
@@ -327,11 +355,11 @@ def score_slides(ensemble: FoldEnsemble, items: Iterable[tuple[str, str]], out_d
         yield score_slide(ensemble, slide_id, url, out_dir=out_dir, attention=attention)
 
 
-def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Result rows as an Arrow table with ``RESULT_SCHEMA`` (empty list gives an empty table)."""
-    return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
+def rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema = RESULT_SCHEMA) -> pa.Table:
+    """Result rows as an Arrow table with ``schema`` (``RESULT_SCHEMA`` or ``result_schema(flags)``)."""
+    return pa.Table.from_pylist(rows, schema=schema)
 
 
 __all__ = ["ATTENTION_DIR", "Bag", "EnsembleOutput", "FoldEnsemble", "HER2_SCORES", "RESULT_SCHEMA",
            "STD_COLUMNS", "attention_table", "attention_url", "empty_row", "prediction_fields",
-           "rows_to_table", "score_features", "score_slide", "score_slides", "spread_to_all_tiles"]
+           "result_schema", "rows_to_table", "score_features", "score_slide", "score_slides", "spread_to_all_tiles"]

@@ -33,16 +33,18 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from pydantic import Field
 
-from .. import resources, storage, watchdog
+from .. import console, resources, storage, watchdog
 from ..ray_runtime import ensure_ray
 from ..config import StageConfig
 from ..errors import FeatureStoreError
 from ..features.schema import (CATALOG_FILE, FEATURES_DIR, USABLE_STATUSES, feature_ids, feature_url,
                                read_catalog)
-from ..labels import HER2_SCORES, PROB_COLUMNS
+from ..labels import HER2_SCORES, PROB_COLUMNS, UNCAL_PROB_COLUMNS
+from ..training.calibration import load_calibration
+from ..training.operating_points import load_operating_points
 from ..provenance import run_record, write_run_record
 from .checkpoints import ensemble_identity
-from .engine import ATTENTION_DIR, RESULT_SCHEMA, FoldEnsemble, empty_row, rows_to_table, score_slide
+from .engine import ATTENTION_DIR, RESULT_SCHEMA, FoldEnsemble, empty_row, result_schema, rows_to_table, score_slide
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ RUN_FILE = "run.json"
 
 #: Columns written to predictions.parquet/csv, in this order (carried manifest columns follow).
 PREDICTION_COLUMNS: tuple[str, ...] = (
-    "slide_id", *PROB_COLUMNS, "pred_score", "her2_low", "fold_std",
+    "slide_id", *PROB_COLUMNS, *UNCAL_PROB_COLUMNS, "pred_score", "her2_low", "fold_std",
     *(c.name for c in RESULT_SCHEMA if c.name.startswith("fold_std_")),
     "n_tiles", "n_tiles_used", "n_folds", "model_run_id", "model_sha256", "attention_url",
 )
@@ -91,12 +93,19 @@ class ScoreSummary:
     class_counts: dict[str, int]
     n_her2_low: int
     model: dict[str, Any] = field(default_factory=dict)
+    #: ray_start_s, actor_startup_s, scoring_s (see ``run_ray_scoring``)
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def startup_s(self) -> float:
+        return self.timing.get("ray_start_s", 0.0) + self.timing.get("actor_startup_s", 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "n_requested": self.n_requested, "n_scored": self.n_scored,
                 "n_failed": self.n_failed, "seconds": round(self.seconds, 3), "class_counts": self.class_counts,
                 "n_her2_low": self.n_her2_low, "model_run_id": self.model.get("run_id"),
-                "model_sha256": self.model.get("sha256")}
+                "model_sha256": self.model.get("sha256"),
+                "timing": {k: round(v, 3) for k, v in self.timing.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,7 +130,7 @@ class EnsembleScorer:
         rows = [self.guard.run(str(sid), str(url), lambda sid=sid, url=url: self._score(str(sid), str(url)),
                                lambda reason, sid=sid: {**empty_row(str(sid)), "error": reason})
                 for sid, url in zip(batch["slide_id"], batch["feature_url"])]
-        return rows_to_table(rows)
+        return rows_to_table(rows, self.ensemble.schema)
 
     def _score(self, slide_id: str, url: str) -> dict[str, Any]:
         watchdog.beat("scoring")
@@ -197,13 +206,21 @@ def plan_scoring(store: str, manifest: str | None = None) -> ScoringPlan:
 # ----------------------------------------------------------------------------------------------------
 
 def run_ray_scoring(plan_todo: list[dict[str, str]], cfg: ScoreConfig, identity: dict[str, Any],
-                    on_batch=None) -> pa.Table:
-    """Score ``plan_todo`` on Ray Data; returns the result rows (``RESULT_SCHEMA``), unordered → sorted later."""
+                    on_batch=None, timing: dict[str, float] | None = None) -> pa.Table:
+    """Score ``plan_todo`` on Ray Data; returns the result rows (``RESULT_SCHEMA``), unordered → sorted later.
+
+    ``timing`` (filled in): ``ray_start_s``, ``actor_startup_s`` (actors up + fold models loaded until the first
+    batch began), ``scoring_s`` (first batch began -> last batch done).
+    """
     import ray
 
+    timing = {} if timing is None else timing
+    t_ray = time.perf_counter()
     ensure_ray(cfg.address, log_to_driver=False)
+    timing["ray_start_s"] = time.perf_counter() - t_ray
+    schema = result_schema(identity.get("flag_columns", ()))
     if not plan_todo:
-        return rows_to_table([])
+        return rows_to_table([], schema)
     resources.check_fits({"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}, resources.cluster_shapes(),
                          what="a scoring actor", hint="Lower --cpus-per-actor / --gpus-per-actor.")
     guard = watchdog.GuardConfig(timeout_s=cfg.slide_timeout, max_crashes=cfg.max_worker_crashes)
@@ -232,22 +249,29 @@ def run_ray_scoring(plan_todo: list[dict[str, str]], cfg: ScoreConfig, identity:
     saved_bars = ctx.enable_progress_bars
     if cfg.progress:
         ctx.enable_progress_bars = False        # our per-slide bar replaces Ray's per-operator bars
+    t_start, work_started = time.perf_counter(), None
     try:
         for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if work_started is None:   # the first batch's slides began this long before it arrived
+                work_started = time.perf_counter() - float(pc.sum(batch.column("seconds")).as_py() or 0.0)
+                timing["actor_startup_s"] = max(0.0, work_started - t_start)
             parts.append(batch)
             if on_batch is not None:
                 on_batch(batch)
     finally:
         ctx.enable_progress_bars, ctx.max_errored_blocks = saved_bars, saved_errored
+    if work_started is not None:
+        timing["scoring_s"] = time.perf_counter() - work_started
     returned = {sid for p in parts for sid in p.column("slide_id").to_pylist()}
     missing = [t["slide_id"] for t in plan_todo if t["slide_id"] not in returned]
     if missing:
+        flags = identity.get("flag_columns", ())
         report = watchdog.ledger_report(ledger)
-        parts.append(rows_to_table([{**empty_row(sid), "error": watchdog.missing_reason(sid, report, guard)}
-                                    for sid in missing]))
+        parts.append(rows_to_table([{**empty_row(sid, flags), "error": watchdog.missing_reason(sid, report, guard)}
+                                    for sid in missing], schema))
     if not parts:
-        return rows_to_table([])
-    return pa.concat_tables([p.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA) for p in parts])
+        return rows_to_table([], schema)
+    return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
 
 
 def _order_table(table: pa.Table, order: list[str]) -> pa.Table:
@@ -267,7 +291,8 @@ def build_outputs(results: pa.Table, plan: ScoringPlan) -> tuple[pa.Table, pa.Ta
     ok_mask = pc.equal(results.column("status"), "ok")
     ok = _order_table(results.filter(ok_mask), plan.order)
     bad = results.filter(pc.invert(ok_mask))
-    preds = ok.select(list(PREDICTION_COLUMNS))
+    flags = [c for c in results.column_names if c not in RESULT_SCHEMA.names]   # screen_* of the model run
+    preds = ok.select(list(PREDICTION_COLUMNS) + flags)
     if plan.carried is not None:
         preds = preds.join(plan.carried, keys="slide_id", join_type="left outer")
         preds = _order_table(preds, plan.order)
@@ -291,6 +316,8 @@ def score_cohort(cfg: ScoreConfig) -> ScoreSummary:
     """
     t0 = time.perf_counter()
     identity = ensemble_identity(cfg.model)           # fails fast on a wrong --model, before Ray starts
+    calibration, points = load_calibration(cfg.model), load_operating_points(cfg.model)
+    identity = {**identity, "calibration": calibration.method, "flag_columns": [op["column"] for op in points]}
     plan = plan_scoring(cfg.features, cfg.manifest)
     storage.makedirs(cfg.out)
     if cfg.attention:
@@ -300,6 +327,7 @@ def score_cohort(cfg: ScoreConfig) -> ScoreSummary:
 
     bar = _progress(len(plan.todo), cfg.progress)
     counts = {"failed": 0}
+    timing: dict[str, float] = {}
 
     def on_batch(batch: pa.Table) -> None:
         counts["failed"] += int(pc.sum(pc.not_equal(batch.column("status"), "ok")).as_py() or 0)
@@ -308,7 +336,7 @@ def score_cohort(cfg: ScoreConfig) -> ScoreSummary:
             bar.set_postfix(failed=counts["failed"])
 
     try:
-        results = run_ray_scoring(plan.todo, cfg, identity, on_batch=on_batch)
+        results = run_ray_scoring(plan.todo, cfg, identity, on_batch=on_batch, timing=timing)
     finally:
         if bar is not None:
             bar.close()
@@ -322,8 +350,9 @@ def score_cohort(cfg: ScoreConfig) -> ScoreSummary:
     summary = ScoreSummary(out=cfg.out, n_requested=len(plan.order), n_scored=preds.num_rows,
                            n_failed=failed.num_rows, seconds=time.perf_counter() - t0,
                            class_counts=class_counts, n_her2_low=class_counts["1+"] + class_counts["2+"],
-                           model=identity)
+                           model=identity, timing=timing)
     record = run_record("score", cfg.to_dict(), model=identity, summary=summary.to_dict(),
+                        calibration=calibration.to_dict(), operating_points=points,
                         outputs={"predictions": PREDICTIONS_PARQUET, "predictions_csv": PREDICTIONS_CSV,
                                  "failed": FAILED_CSV, "attention": ATTENTION_DIR if cfg.attention else None})
     write_run_record(storage.join(cfg.out, RUN_FILE), record)
@@ -337,7 +366,7 @@ def _progress(total: int, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="scoring slides", unit="slide")
+    return tqdm(total=total, desc="scoring slides", unit="slide", file=console.stderr())
 
 
 __all__ = ["EnsembleScorer", "FAILED_CSV", "PREDICTIONS_CSV", "PREDICTIONS_PARQUET", "PREDICTION_COLUMNS",

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import SlideNotFoundError, SlideReadError
 from .base import StaticMetadataReader
+from .dicom_frames import DicomFrameDecoder
 from .sparse import TiffSparseIndex
 from .tiff_tiles import TiffTileDecoder
 
@@ -47,7 +48,9 @@ class OpenSlideReader(StaticMetadataReader):
         self._dims = tuple(tuple(int(v) for v in d) for d in self._slide.level_dimensions)
         self._downs = tuple(float(d) for d in self._slide.level_downsamples)
         self._props = dict(self._slide.properties)
-        self._fast = TiffTileDecoder.for_slide(local_path, self._props.get("openslide.vendor"), self._dims)
+        vendor = self._props.get("openslide.vendor")
+        self._fast = (DicomFrameDecoder.for_slide(local_path, vendor, self._dims) if vendor == "dicom"
+                      else TiffTileDecoder.for_slide(local_path, vendor, self._dims))
         self._sparse: TiffSparseIndex | None | bool = False  # built on first use (huge thumbnails only)
 
     def _read_rgb(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:

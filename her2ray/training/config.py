@@ -65,6 +65,17 @@ class TrainConfig(StageConfig):
     graph_neighbour_radius_level0_px: float = Field(2000.0, gt=0)
     graph_max_tiles: int = Field(6000, ge=16, description="tiles above this are grid-pooled before clustering")
 
+    # --- reproducibility (see README "Reproducibility") -------------------------------------------
+    torch_threads: int = Field(1, ge=1, le=256, description="torch intra-op threads inside every fold, pinned "
+                               "whatever cpus_per_fold or the machine: results are bit-identical for one value")
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True) (GPU: slower, "
+                                "errors on ops without a deterministic kernel); CPU is deterministic anyway")
+
+    # --- post-hoc calibration and screening operating points (fitted on the OOF predictions) -------
+    calibration: Literal["auto", "temperature", "vector", "none"] = "auto"
+    screening_endpoints: list[str] = Field(default_factory=lambda: ["her2_0_vs_low", "her2_low_vs_positive"])
+    screening_sensitivities: list[float] = Field(default_factory=lambda: [0.90, 0.95])
+
     # --- Ray resources ----------------------------------------------------------------------------
     address: str | None = None
     cpus_per_fold: float = Field(1.0, gt=0)
@@ -83,6 +94,14 @@ class TrainConfig(StageConfig):
                 raise ValueError(f"centers {sorted(overlap)} are in both train_centers and test_centers")
             if not self.train_centers or not self.test_centers:
                 raise ValueError("train_centers and test_centers must not be empty")
+        from ..reports.metrics import ENDPOINTS
+
+        unknown = [e for e in self.screening_endpoints if e not in ENDPOINTS]
+        if unknown:
+            raise ValueError(f"unknown screening endpoint(s) {unknown}; endpoints are {list(ENDPOINTS)}")
+        bad = [t for t in self.screening_sensitivities if not 0.0 < t < 1.0]
+        if bad:
+            raise ValueError(f"screening sensitivities must be in (0, 1), got {bad}")
         if self.gpus_per_fold > 1 and self.gpus_per_fold != int(self.gpus_per_fold):
             raise ValueError("gpus_per_fold above 1 must be a whole number")
         return self

@@ -40,9 +40,7 @@ def _train_fn(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    spec = FoldSpec.from_dict(config["spec"])
-    cpus = TrainConfig.from_mapping(spec.config).cpus_per_fold
-    torch.set_num_threads(max(1, int(cpus)))  # fractional CPUs -> 1 thread; no oversubscription
+    spec = FoldSpec.from_dict(config["spec"])   # torch threads are pinned by train_fold (determinism.py)
     resume_state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

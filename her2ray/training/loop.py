@@ -36,6 +36,7 @@ from .. import __version__, storage
 from ..labels import NUM_CLASSES, PROB_COLUMNS
 from . import checkpoints as ck
 from .config import TrainConfig
+from .determinism import compute_record, pinned_compute
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +189,19 @@ def train_fold(spec: FoldSpec, *, resume_state: dict[str, Any] | None = None,
     """Train fold ``spec.fold`` to early stop / ``max_epochs``; write its outputs; return its result dict.
 
     ``resume_state`` is a dict previously handed to ``on_epoch_end`` (model, optimizer, epoch, best-so-far,
-    patience counter, sampler and RNG states); training continues at its ``epoch``.
+    patience counter, sampler and RNG states); training continues at its ``epoch``. The whole fold runs with
+    ``cfg.torch_threads`` torch threads (``determinism.pinned_compute``) so its bits do not depend on where
+    or next to what it runs; nothing in it reads a clock except for the logged timings.
     """
+    cfg = TrainConfig.from_mapping(spec.config, source=f"fold {spec.fold} config")
+    with pinned_compute(cfg.torch_threads, cfg.deterministic):
+        return _train_fold(spec, cfg, resume_state, on_epoch_end, device)
+
+
+def _train_fold(spec: FoldSpec, cfg: TrainConfig, resume_state, on_epoch_end, device) -> dict[str, Any]:
     from ..models import build_model
 
     started = time.time()
-    cfg = TrainConfig.from_mapping(spec.config, source=f"fold {spec.fold} config")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() and cfg.gpus_per_fold > 0 else "cpu"))
     gen = seed_everything(spec.seed)
     hparams = cfg.model_hparams()
@@ -299,7 +307,7 @@ def _finish(spec, cfg, model, best_state, best_url, val_dl, test_dl, device, sta
         "history": state["history"], "n_train": len(spec.train_ids), "n_val": len(spec.val_ids),
         "n_test": len(spec.test_ids), "started_at": started,
         "first_started_at": state["first_started_at"], "host": socket.gethostname(), "pid": os.getpid(),
-        "device": str(device),
+        "device": str(device), "compute": compute_record(cfg.torch_threads, cfg.deterministic, device),
     }
     if test_dl is not None:
         tids, ty, tp, _ = predict_loader(model, test_dl, device)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .. import storage
+from .. import console, storage
 from ..errors import ConfigError, FeatureStoreError, Her2RayError, ManifestError
 from ..features.schema import (META_KEY, RUN_FILE, FeatureFileMeta, feature_ids,
                                feature_url, is_usable, read_catalog)
@@ -32,8 +31,10 @@ from ..provenance import run_record, write_run_record
 from ..ray_runtime import ensure_ray
 from . import checkpoints as ck
 from .config import TrainConfig
+from .determinism import compute_record
 from .fold_check import check_fold_counts
 from .loop import FoldSpec
+from .postprocess import calibrated_columns, calibration_metrics, fit_postprocessing, postprocess_markdown
 from .splits import SPLITS_FILE, TEST_FOLD, assign_folds, read_splits, write_splits
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,9 @@ log = logging.getLogger(__name__)
 EXCLUDED_FILE = "excluded_slides.parquet"
 FAIL_HOOK_ENV = "HER2RAY_TEST_FAIL_AFTER_EPOCH"   # "fold:epochs" - test hook, see loop.FoldSpec
 RESOURCE_KEYS = {"address", "cpus_per_fold", "gpus_per_fold", "max_concurrent_folds", "max_failures"}
+# Applied to the finished folds' predictions at the end of every run: a rerun with other values recomputes
+# calibration and operating points without retraining.
+POSTPROCESS_KEYS = {"calibration", "screening_endpoints", "screening_sensitivities"}
 
 
 class TrainingFailedError(Her2RayError):
@@ -172,9 +176,9 @@ def prepare_inputs(features: str, manifest: str, cfg: TrainConfig, test_manifest
 def report_excluded(excluded: list[dict[str, Any]]) -> None:
     if not excluded:
         return
-    print(f"her2ray train: excluded {len(excluded)} slide(s):", file=sys.stderr)
+    print(f"her2ray train: excluded {len(excluded)} slide(s):", file=console.stderr())
     for e in excluded:
-        print(f"  {e['slide_id']} ({e['set']}): {e['reason']}", file=sys.stderr)
+        print(f"  {e['slide_id']} ({e['set']}): {e['reason']}", file=console.stderr())
 
 
 # --------------------------------------------------------------------------------------- splits / specs
@@ -202,7 +206,10 @@ def check_resume_config(out: str, cfg: TrainConfig) -> None:
         return
     old = json.loads(storage.read_text(url)).get("config") or {}
     new = cfg.to_dict()
-    diff = sorted(k for k in set(old) | set(new) if k not in RESOURCE_KEYS and old.get(k) != new.get(k))
+    free = RESOURCE_KEYS | POSTPROCESS_KEYS
+    defaults = TrainConfig().to_dict()   # keys added by a newer her2ray at their defaults change nothing
+    diff = sorted(k for k in set(old) | set(new)
+                  if k not in free and old.get(k, defaults.get(k)) != new.get(k))
     if diff:
         raise ConfigError(f"{out}: run folder was made with a different configuration ({diff}); "
                           "use a new --out or the same settings to resume")
@@ -267,6 +274,7 @@ def oof_table(split_rows, fold_preds: dict[int, pa.Table]) -> tuple[pa.Table, np
 
 
 def test_table(split_rows, fold_preds: dict[int, pa.Table]) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+    """``(table, labels, raw fold probabilities [F, n, C])``; the table's ``prob_her2_*`` are the raw mean."""
     test = sorted((r for r in split_rows if r["fold"] == TEST_FOLD), key=lambda r: r["slide_id"])
     ids = [r["slide_id"] for r in test]
     cols: dict[str, Any] = {"slide_id": ids, "patient_id": [r.get("patient_id") for r in test],
@@ -284,7 +292,7 @@ def test_table(split_rows, fold_preds: dict[int, pa.Table]) -> tuple[pa.Table, n
         cols[c] = pa.array(mean[:, j], pa.float64())
     cols["prob_std_max"] = pa.array(np.std(stack, axis=0).max(axis=1), pa.float64())
     cols["pred_score"] = _pred_scores(mean)
-    return pa.table(cols), np.array([r["label"] for r in test], dtype=np.int64), mean
+    return pa.table(cols), np.array([r["label"] for r in test], dtype=np.int64), np.asarray(stack)
 
 
 def write_outputs(out: str, cfg: TrainConfig, split_rows, results: dict[int, dict[str, Any]],
@@ -292,10 +300,14 @@ def write_outputs(out: str, cfg: TrainConfig, split_rows, results: dict[int, dic
     """OOF/test predictions, metrics.json, PNGs and report.md from the finished folds' files."""
     from ..reports import markdown, plots
     from ..reports.metrics import classification_metrics, summarize_folds
+    from ..reports.screening import screening_summary
 
     folds = sorted(results)
     val_preds = {k: storage.read_parquet(storage.join(ck.fold_dir(out, k), ck.VAL_PRED_FILE)) for k in folds}
-    oof, oy, op = oof_table(split_rows, val_preds)
+    oof, oy, op_raw = oof_table(split_rows, val_preds)
+    cal, points = fit_postprocessing(out, cfg, oy, op_raw, np.asarray(oof.column("fold").to_pylist()))
+    op = cal.apply(op_raw)
+    oof = calibrated_columns(oof, op_raw, op, points)
     storage.write_parquet_atomic(oof, storage.join(out, "oof_predictions.parquet"))
     metrics: dict[str, Any] = {
         "model": cfg.model, "split_by": cfg.split_by, "n_folds": len(folds), "seed": cfg.seed,
@@ -307,6 +319,9 @@ def write_outputs(out: str, cfg: TrainConfig, split_rows, results: dict[int, dic
         "oof": classification_metrics(oy, op),
         "test": None, "test_ensemble": None,
         "excluded": inputs["excluded"],
+        "compute": compute_record(cfg.torch_threads, cfg.deterministic, results[folds[0]].get("device", "cpu")),
+        "calibration": {**cal.to_dict(), "test": None},
+        "operating_points": points,
     }
     images = {}
     plots.roc_curves_png(oy, op, storage.join(out, "roc_oof.png"), title="Out-of-fold ROC (validation folds)")
@@ -318,10 +333,25 @@ def write_outputs(out: str, cfg: TrainConfig, split_rows, results: dict[int, dic
     test_rows = [r for r in split_rows if r["fold"] == TEST_FOLD]
     if test_rows:
         test_preds = {k: storage.read_parquet(storage.join(ck.fold_dir(out, k), ck.TEST_PRED_FILE)) for k in folds}
-        tt, ty, tp = test_table(split_rows, test_preds)
+        tt, ty, stack = test_table(split_rows, test_preds)
+        tp_raw, tp = stack.mean(axis=0), cal.apply_ensemble(stack)
+        tt = calibrated_columns(tt, tp_raw, tp, points)
         storage.write_parquet_atomic(tt, storage.join(out, "test_predictions.parquet"))
         metrics["test"] = summarize_folds([results[k]["test_metrics"] for k in folds])
         metrics["test_ensemble"] = classification_metrics(ty, tp)
+        cal_test = calibration_metrics(cal, ty, tp_raw, tp)
+        metrics["calibration"]["test"] = {"before": cal_test["before"], "after": cal_test["after"]}
+        test_rows_sorted = sorted(test_rows, key=lambda r: r["slide_id"])
+        screened = screening_summary(ty, {c: tt.column(c).to_numpy(zero_copy_only=False) for c in tt.column_names},
+                                     [r.get("patient_id") or r["slide_id"] for r in test_rows_sorted], seed=cfg.seed)
+        by_col = {s_["column"]: s_ for s_ in screened}
+        metrics["operating_points"] = [{**op_, "test": by_col.get(op_["column"])} for op_ in points]
+        plots.calibration_png(cal_test["summary_before"], storage.join(out, "reliability_test_uncalibrated.png"),
+                              title="Test reliability, uncalibrated")
+        plots.calibration_png(cal_test["summary_after"], storage.join(out, "reliability_test.png"),
+                              title=f"Test reliability, calibrated ({cal.method})")
+        images.update({"Test reliability, uncalibrated": "reliability_test_uncalibrated.png",
+                       "Test reliability, calibrated": "reliability_test.png"})
         plots.roc_curves_png(ty, tp, storage.join(out, "roc_test.png"), title="Test ROC (fold ensemble)")
         plots.confusion_png(metrics["test_ensemble"]["confusion_matrix"], storage.join(out, "confusion_test.png"),
                             title="Test confusion (fold ensemble)")
@@ -333,6 +363,8 @@ def write_outputs(out: str, cfg: TrainConfig, split_rows, results: dict[int, dic
              f"on validation macro AUC (patience {cfg.patience}, max {cfg.max_epochs} epochs).",
              "Out-of-fold numbers come from the same validation folds used for early stopping, so they are "
              "optimistic; the held-out test set (when given) is the unbiased estimate."]
+    notes += [f"Probabilities are post-hoc calibrated ({cal.method}; calibration.json), fitted on the out-of-fold "
+              "predictions; the out-of-fold metrics therefore use an in-sample calibration."]
     notes += [f"Excluded slide {e['slide_id']} ({e['set']}): {e['reason']}" for e in inputs["excluded"]]
     text = markdown.render_report(metrics["oof"], title=f"HER2 {cfg.model.upper()} cross-validation",
                                   fold_summary=metrics["val"], images=images, notes=notes,
@@ -348,8 +380,24 @@ def write_outputs(out: str, cfg: TrainConfig, split_rows, results: dict[int, dic
     if metrics["test_ensemble"]:
         text += "\n\n" + markdown.render_report(metrics["test_ensemble"], title="Held-out test set (fold ensemble)",
                                                 fold_summary=metrics["test"]).replace("# Held", "## Held", 1)
+    text += "\n\n" + postprocess_markdown(metrics)
     markdown.write_report(storage.join(out, "report.md"), text)
     return metrics
+
+
+def train_timing(results: dict[int, dict[str, Any]], t0: float, t_ray: float, t_folds: float, t_end: float
+                 ) -> dict[str, float]:
+    """Where the wall time went (epoch seconds in, seconds out): ``prepare_s`` (inputs, splits), ``ray_start_s``,
+    ``fold_startup_s`` (Ray Train workers up until the first fold's loop began), ``training_s`` (first fold
+    loop began -> last fold done), ``outputs_s`` (metrics, plots, report)."""
+    ran = [r for r in results.values() if not r.get("skipped")]
+    timing = {"prepare_s": t_ray - t0, "ray_start_s": t_folds - t_ray}
+    if ran:
+        first = min(float(r["started_at"]) for r in ran)
+        last = max(float(r["finished_at"]) for r in ran)
+        timing.update(fold_startup_s=max(0.0, first - t_folds), training_s=max(0.0, last - first),
+                      outputs_s=max(0.0, t_end - last))
+    return {k: round(v, 2) for k, v in timing.items()}
 
 
 # --------------------------------------------------------------------------------------- entry point
@@ -376,7 +424,9 @@ def train_cv(features: str, manifest: str, out: str, cfg: TrainConfig, test_mani
     heart = RunHeartbeat(storage.join(out, "run.json"), run_record("train", cfg.to_dict(), status="running",
                                                                     **record_extra))
     with heart:                       # run.json: start, host, pid + a heartbeat, so a dead run is visible
+        t_ray = time.time()
         started_ray = False if local else ensure_ray(cfg.address)
+        t_folds = time.time()
         try:
             if not local:
                 check_cluster_resources(cfg)
@@ -400,7 +450,8 @@ def train_cv(features: str, manifest: str, out: str, cfg: TrainConfig, test_mani
                "val_auc_mean": metrics["val"]["auc_macro_ovr"]["mean"],
                "oof_auc": metrics["oof"]["auc_macro_ovr"],
                "test_auc": (metrics["test_ensemble"] or {}).get("auc_macro_ovr"),
-               "excluded": inputs["excluded"], "seconds": time.time() - t0}
+               "excluded": inputs["excluded"], "seconds": time.time() - t0,
+               "timing": train_timing(results, t0, t_ray, t_folds, time.time())}
     write_run_record(storage.join(out, "run.json"), heart.final(**run_record(
         "train", cfg.to_dict(), status="done", summary=summary, **record_extra)))
     return summary
