@@ -68,3 +68,25 @@ def ray_start_error(address: str | None, exc: BaseException) -> RayStartError:
     hint = ("check the address and that the cluster is up (`ray status --address ...`)" if address else
             "check free memory and /tmp space, and that no stale Ray holds the ports (`ray stop`)")
     return RayStartError(f"could not {where}: {type(exc).__name__}: {str(exc).strip()[:500]}; {hint}")
+
+
+def route_worker_output(stream) -> bool:
+    """Send worker stdout/stderr that Ray forwards to the driver into ``stream`` (the run's log file).
+
+    Uses Ray's private log dispatcher (``ray._private.worker``); if that changes, worker output simply stays
+    in Ray's session logs, which is also quiet. Returns whether the routing took.
+    """
+    try:
+        from ray._private import worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", functools.partial(_print_to, stream, ray_worker))
+        return True
+    except Exception as exc:  # noqa: BLE001 - private API: degrade to Ray's own behaviour
+        log.debug("could not route Ray worker output to the log: %s", exc)
+        return False
+
+
+def _print_to(stream, ray_worker, data) -> None:
+    ray_worker.print_worker_logs(data, stream)

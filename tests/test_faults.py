@@ -123,11 +123,12 @@ def test_kill_9_of_the_embed_driver_then_rerun_embeds_every_slide_exactly_once(r
     proc = subprocess.Popen([sys.executable, "-c", "import sys; from her2ray.cli import main; sys.exit(main())",
                              "embed", "--manifest", str(manifest), "--out", str(out), "--encoder", "open_clip",
                              "--weights", tiny_encoder, "--address", address, "--num-cpus-per-actor", "1",
-                             "--no-progress"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--no-progress"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp_path / "driver.err", "wb"))
     try:
         deadline = time.time() + 120
         while not (out / "features" / "good.parquet").exists():
-            assert proc.poll() is None and time.time() < deadline, "driver ended before the drill"
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "driver.err").read_text()[-3000:]
             time.sleep(0.2)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
