@@ -202,7 +202,9 @@ def check_resume_config(out: str, cfg: TrainConfig) -> None:
     old = json.loads(storage.read_text(url)).get("config") or {}
     new = cfg.to_dict()
     free = RESOURCE_KEYS | POSTPROCESS_KEYS
-    diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
+    defaults = TrainConfig().to_dict()   # keys added by a newer her2ray at their defaults change nothing
+    diff = sorted(k for k in set(old) | set(new)
+                  if k not in free and old.get(k, defaults.get(k)) != new.get(k))
     if diff:
         raise ConfigError(f"{out}: run folder was made with a different configuration ({diff}); "
                           "use a new --out or the same settings to resume")
