@@ -89,17 +89,25 @@ def choose_kind(grid: TileGrid, layout: JpegLayout | None, transport: str, stain
     return KIND_RGB, int(grid.read_px)
 
 
+def unit_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The manifest fields a read unit carries: slide_id, path, mpp override (or None)."""
+    return {"slide_id": str(row["slide_id"]), "path": str(row["path"]), "mpp": _mpp_override(row)}
+
+
 def plan_slide(row: Mapping[str, Any], cfg: EmbedConfig, *, transport: str = "auto",
                unit_tiles: int = 4096) -> list[ReadUnit]:
     """Open + plan one manifest row; the read units of its tiles (one failed unit when that fails)."""
     from ..slides import open_slide
     from ..tiling import plan_tiles
+    from ..watchdog import beat
 
     t0 = time.perf_counter()
-    row = {"slide_id": str(row["slide_id"]), "path": str(row["path"]), "mpp": _mpp_override(row)}
+    row = unit_row(row)
     try:
+        beat("opening slide")
         with open_slide(row["path"], mpp_override=row["mpp"], backend=cfg.slide_backend,
                         cache=_slide_cache(cfg), mpp_from_magnification=cfg.mpp_from_magnification) as reader:
+            beat("planning tissue tiles")
             grid = plan_tiles(reader, cfg.tiling, keep_mask=cfg.qc_dir is not None)
             layout = jpeg_layout(reader, grid)
             mpp_info = _mpp_provenance(reader, row["slide_id"])

@@ -21,12 +21,13 @@ import json
 import logging
 import os
 import time
+import warnings
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-from .embed import EmbedConfig, load_engine_encoder
-from .reading import ReadUnit, plan_slide, read_unit
+from .embed import STATUS_FAILED, EmbedConfig, load_engine_encoder, status_row
+from .reading import ReadUnit, plan_slide, read_unit, unit_row
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,34 @@ def _rows(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def plan_units(batch: dict[str, np.ndarray], cfg: dict[str, Any], storage_options: dict | None,
-               transport: str, unit_tiles: int) -> dict[str, list]:
-    """Ray Data UDF: slides -> read units (pickled ``ReadUnit``)."""
+               transport: str, unit_tiles: int, guard: dict | None = None, ledger=None,
+               plugins: str | None = None) -> dict[str, list]:
+    """Ray Data UDF: slides -> read units (pickled ``ReadUnit``). Opening and planning run under issue 15's
+    per-slide watchdog (``guard``/``ledger``): a slide that hangs or keeps crashing its worker becomes one
+    failed unit (``timed out after N s while ...`` / ``worker crashed N times on this slide``)."""
+    from .. import watchdog
+
+    watchdog.load_plugins(plugins)
     config = EmbedConfig.from_mapping({**cfg, "storage_options": storage_options})
-    units = [u for r in _rows(batch) for u in plan_slide(r, config, transport=transport, unit_tiles=unit_tiles)]
+    keeper = watchdog.Guard(ledger, watchdog.GuardConfig(**guard), storage_options) if guard else None
+    units = []
+    for r in _rows(batch):
+        def work(r=r):
+            return {"units": plan_slide(r, config, transport=transport, unit_tiles=unit_tiles)}
+
+        def failed(reason, r=r):
+            return {"units": [ReadUnit(row=unit_row(r), n_tiles=0, error=reason)]}
+
+        units += (keeper.run(r["slide_id"], r["path"], work, failed) if keeper else work())["units"]
     return {"slide_id": [u.row["slide_id"] for u in units], "unit": [u.to_bytes() for u in units]}
 
 
 def read_tiles_udf(batch: dict[str, np.ndarray], cfg: dict[str, Any], storage_options: dict | None,
-                   chunk_tiles: int) -> Iterator[dict[str, Any]]:
+                   chunk_tiles: int, plugins: str | None = None) -> Iterator[dict[str, Any]]:
     """Ray Data UDF (generator): read units -> chunks of tile payloads."""
+    from .. import watchdog
+
+    watchdog.load_plugins(plugins)
     config = EmbedConfig.from_mapping({**cfg, "storage_options": storage_options})
     for raw in batch["unit"]:
         yield from read_unit(ReadUnit.from_bytes(raw), config, chunk_tiles=chunk_tiles)
@@ -94,7 +113,7 @@ def provenance_of(cfg: EmbedConfig, device: str, forward_rows: int, torch_thread
 def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, actors: dict[str, Any],
                   encoder_settings: Mapping[str, Any], *, progress, transport: str = "auto",
                   num_readers: int | None = None, max_inflight_mb: float | None = None,
-                  unit_tiles: int = 4096, timing: dict[str, float] | None = None
+                  unit_tiles: int = 4096, timing: dict[str, float] | None = None, guard=None
                   ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Run the pipelined engine over ``todo``; (status rows by slide id, stage statistics).
 
@@ -122,6 +141,12 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
     if max_inflight_mb:
         ctx.execution_options.resource_limits = ray.data.ExecutionResources(
             object_store_memory=float(max_inflight_mb) * 1024**2)
+    from .. import watchdog
+
+    guard = guard or watchdog.GuardConfig()
+    ledger = watchdog.make_ledger()           # attempts/timeouts per slide, shared by the planning tasks
+    plugins = os.environ.get(watchdog.PLUGIN_ENV)
+    retries = {"max_retries": int(guard.max_crashes) + 1}
     stats: dict[str, Any] = {"engine": "pipelined", "readers": readers, "planners": planners,
                              "forward_rows": forward_rows, "transport": transport}
     assembler = SlideAssembler(todo, out, cfg, encoder_settings, provenance_of(cfg, device, forward_rows,
@@ -133,14 +158,20 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
     try:
         items = _batch_items(todo)
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        units = ds.map_batches(plan_units, fn_kwargs={"cfg": cfg.to_dict(), "storage_options": so,
-                                                      "transport": transport, "unit_tiles": unit_tiles},
-                               batch_size=1, batch_format="numpy", num_cpus=1,
-                               compute=ray.data.TaskPoolStrategy(size=planners))
-        tiles = units.map_batches(read_tiles_udf, fn_kwargs={"cfg": cfg.to_dict(), "storage_options": so,
-                                                             "chunk_tiles": max(8, forward_rows // 4)},
-                                  batch_size=1, batch_format="numpy", num_cpus=1,
-                                  compute=ray.data.TaskPoolStrategy(size=readers + (readers == planners)))
+        with warnings.catch_warnings():       # retry bounds exist only as (deprecated) raw remote args in 2.60
+            warnings.simplefilter("ignore")
+            units = ds.map_batches(plan_units, fn_kwargs={"cfg": cfg.to_dict(), "storage_options": so,
+                                                          "transport": transport, "unit_tiles": unit_tiles,
+                                                          "guard": guard.to_dict(), "ledger": ledger,
+                                                          "plugins": plugins},
+                                   batch_size=1, batch_format="numpy", num_cpus=1,
+                                   compute=ray.data.TaskPoolStrategy(size=planners), **retries)
+            tiles = units.map_batches(read_tiles_udf, fn_kwargs={"cfg": cfg.to_dict(), "storage_options": so,
+                                                                 "chunk_tiles": max(8, forward_rows // 4),
+                                                                 "plugins": plugins},
+                                      batch_size=1, batch_format="numpy", num_cpus=1,
+                                      compute=ray.data.TaskPoolStrategy(size=readers + (readers == planners)),
+                                      **retries)
         feats = tiles.map_batches(
             EncodeActor, fn_constructor_kwargs={"cfg": actor_cfg, "storage_options": so,
                                                 "torch_threads": actors.get("torch_threads"),
@@ -148,7 +179,7 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
             batch_size=forward_rows, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors["num_actors"], max_tasks_in_flight_per_actor=4,
                                                max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
-            **remote)
+            **remote, **watchdog.ray_task_options(guard))
         for batch in feats.iter_batches(batch_size=None, batch_format="numpy"):
             first = first or time.perf_counter()
             for a, s in zip(batch["actor"], batch["loop_stats"]):
@@ -161,6 +192,13 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
         for row in assembler.finish():
             results[row["slide_id"]] = row
             progress.update(row)
+        missing = [r for r in todo if r["slide_id"] not in results]
+        if missing:                           # blocks dropped after the retry bound: say why, per slide
+            report = watchdog.ledger_report(ledger)
+            for r in missing:
+                results[r["slide_id"]] = status_row(
+                    r, STATUS_FAILED, error=watchdog.missing_reason(r["slide_id"], report, guard))
+                progress.update(results[r["slide_id"]])
     finally:
         ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.execution_options.resource_limits = saved
     end = time.perf_counter()
