@@ -338,7 +338,8 @@ def _embed_todo(todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, timing: 
     if engine == "pipelined" and not any(s.gpu for s in shapes) and not num_gpus_per_actor:
         encoder_shapes = [replace(s, cpu=max(1.0, s.cpu - max(1.0, s.cpu // 4))) for s in shapes]
         largest = max(s.cpu for s in encoder_shapes)
-        num_cpus_per_actor = min(float(num_cpus_per_actor), largest) if num_cpus_per_actor else None
+        if num_cpus_per_actor and float(num_cpus_per_actor) <= max(s.cpu for s in shapes):
+            num_cpus_per_actor = min(float(num_cpus_per_actor), largest)   # (a request no node fits fails below)
     actors = plan_actors(encoder_shapes, len(todo), num_actors=num_actors,
                          num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor)
     resources.check_fits(resources.actor_request(actors), shapes, what="an embed actor",
