@@ -128,7 +128,9 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
     forward_rows = int(cfg.batch_size or (1024 if device.startswith("cuda") else 64))
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     readers = int(num_readers or max(1, int(cpus - actors.get("num_cpus", 1.0) * actors["num_actors"])))
-    planners = max(1, readers // 2) if readers > 1 else 1
+    # >= 2 planners, and half a logical CPU per planning/reading task: a slide that hangs while it is opened
+    # (until the watchdog ends it) must not keep the other slides from being planned and read
+    planners = max(2, readers // 2)
     actor_cfg = cfg.to_dict()
     if actors.get("device"):
         actor_cfg["device"] = cfg.device or actors["device"]
@@ -164,12 +166,12 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
                                                           "transport": transport, "unit_tiles": unit_tiles,
                                                           "guard": guard.to_dict(), "ledger": ledger,
                                                           "plugins": plugins},
-                                   batch_size=1, batch_format="numpy", num_cpus=1,
+                                   batch_size=1, batch_format="numpy", num_cpus=0.5,
                                    compute=ray.data.TaskPoolStrategy(size=planners), **retries)
             tiles = units.map_batches(read_tiles_udf, fn_kwargs={"cfg": cfg.to_dict(), "storage_options": so,
                                                                  "chunk_tiles": max(8, forward_rows // 4),
                                                                  "plugins": plugins},
-                                      batch_size=1, batch_format="numpy", num_cpus=1,
+                                      batch_size=1, batch_format="numpy", num_cpus=0.5,
                                       compute=ray.data.TaskPoolStrategy(size=readers + (readers == planners)),
                                       **retries)
         feats = tiles.map_batches(
