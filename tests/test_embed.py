@@ -152,7 +152,8 @@ def test_cli_end_to_end_local_store_and_resume(ray_session, tmp_path, cohort, ti
     enc = ["--encoder", "open_clip", "--weights", tiny_encoder]
 
     # 1) the full cohort: bad slides fail with their reasons, the rest is embedded, exit status 1
-    assert _embed("--manifest", full, "--out", out, *enc) == 1
+    #    (the pipelined engine, the default on GPU clusters; "auto" picks the slide engine on this CPU box)
+    assert _embed("--manifest", full, "--out", out, *enc, "--engine", "pipelined") == 1
     captured = capsys.readouterr()
     assert "4 of 8 slide(s) failed" in captured.err and "FAILED corrupt" in captured.out
 
@@ -199,7 +200,7 @@ def test_cli_end_to_end_local_store_and_resume(ray_session, tmp_path, cohort, ti
     os.utime(stray, (time.time() - 3600, time.time() - 3600))      # left by a run killed an hour ago
     in_flight = out / "features" / ".syn2.parquet.def456.tmp"       # fresh: could be a live writer's: kept
     in_flight.write_bytes(b"partial")
-    assert _embed("--manifest", full, "--out", out, *enc, "--no-progress") == 1
+    assert _embed("--manifest", full, "--out", out, *enc, "--no-progress", "--engine", "pipelined") == 1
     cat = pq.read_table(out / "slides.parquet").to_pandas().set_index("slide_id")
     assert (cat.status == "ok").sum() == 1 and cat.loc["cmu", "status"] == "ok"
     assert (cat.status == "skipped").sum() == 3 and (cat.status == "failed").sum() == 4
@@ -236,7 +237,7 @@ def test_s3_slides_manifest_and_store(ray_session, s3_bucket, tmp_path, cohort, 
     enc = ["--encoder", "open_clip", "--weights", tiny_encoder, "--no-progress"]
     # compressed JPEG tiles through Ray (the default on GPU clusters), decoded in the encoder actor
     assert _embed("--manifest", manifest, "--out", out, *enc, "--qc-dir", f"{s3_bucket}/qc",
-                  "--tile-transport", "jpeg") == 1
+                  "--engine", "pipelined", "--tile-transport", "jpeg") == 1
     cat = storage.read_parquet(f"{out}/slides.parquet").to_pandas().set_index("slide_id")
     assert cat.status.to_dict() == {"syn1": "ok", "corrupt": "failed", "gone": "failed"}
     assert cat.loc["gone", "error"].startswith("SlideNotFoundError") and "(preflight)" in cat.loc["gone", "error"]

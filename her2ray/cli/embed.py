@@ -53,9 +53,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-gpus-per-actor", type=float, default=None,
                    help="GPUs per actor; fractions share a GPU (default 1 when the cluster has GPUs, else 0)")
     p.add_argument("--num-cpus-per-actor", type=float, default=None, help="CPUs per CPU-only actor (default 4)")
-    p.add_argument("--engine", default=None, choices=["pipelined", "slide"],
-                   help="pipelined (default): CPU reader tasks several slides ahead feed encoder actors that take "
-                        "tiles of any slide; slide: the reference engine, one slide per actor call")
+    p.add_argument("--engine", default=None, choices=["auto", "pipelined", "slide"],
+                   help="pipelined: CPU reader tasks several slides ahead feed encoder actors that take tiles of any "
+                        "slide; slide: the reference engine, one slide per actor call; auto (default): pipelined "
+                        "when the encoder actors get GPUs, slide on CPU-only clusters")
     p.add_argument("--tile-transport", default=None, choices=["auto", "jpeg", "rgb"],
                    help="pipelined engine: how tiles travel to the encoder. jpeg: compressed JPEG file tiles "
                         "when the slide's tiles line up with the grid (decoded, assembled and downscaled on the "

@@ -48,8 +48,10 @@ from .stages import run_pipelined
 
 log = logging.getLogger(__name__)
 
-#: ``pipelined``: CPU planning/reading tasks -> encoder actors -> driver-side commits; ``slide``: one slide per call
-ENGINES = ("pipelined", "slide")
+#: ``pipelined``: CPU planning/reading tasks -> encoder actors -> driver-side commits; ``slide``: one slide per call;
+#: ``auto`` (default): pipelined when the encoder actors get GPUs, slide on CPU-only clusters (there the encoder
+#: is the bottleneck anyway, and the slide engine's watchdog also covers reading)
+ENGINES = ("auto", "pipelined", "slide")
 
 
 class SlideEmbedActor:
@@ -241,7 +243,7 @@ def _embed_locked(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig,
                   num_gpus_per_actor: float | None = None, num_cpus_per_actor: float | None = None,
                   overwrite: bool = False, progress: bool = True, manifest: str | None = None,
                   slide_timeout: float | None = None, max_worker_crashes: int | None = None,
-                  engine: str = "pipelined", tile_transport: str = "auto", num_readers: int | None = None,
+                  engine: str = "auto", tile_transport: str = "auto", num_readers: int | None = None,
                   max_inflight_mb: float | None = None) -> EmbedSummary:
     """The run itself, under the store lease (``engine``: see the module docstring).
 
@@ -287,7 +289,7 @@ def _embed_locked(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig,
 
     results: dict[str, dict[str, Any]] = {}
     actors: dict[str, Any] = {}
-    stages: dict[str, Any] = {"engine": engine}
+    stages: dict[str, Any] = {"engine": engine}     # the engine actually used replaces "auto" below
     with heart:
         if plan.todo:
             results, actors, stages = _embed_todo(
@@ -334,6 +336,9 @@ def _embed_todo(todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, timing: 
     timing["ray_start_s"] = time.perf_counter() - t_ray
     shapes = resources.cluster_shapes()
     log.info("Ray nodes: %s", "; ".join(s.describe() for s in shapes))
+    if engine == "auto":
+        engine = "pipelined" if (num_gpus_per_actor or (num_gpus_per_actor is None and any(s.gpu for s in shapes))
+                                 ) else "slide"
     encoder_shapes = shapes
     if engine == "pipelined" and not any(s.gpu for s in shapes) and not num_gpus_per_actor:
         encoder_shapes = [replace(s, cpu=max(1.0, s.cpu - max(1.0, s.cpu // 4))) for s in shapes]
