@@ -1,7 +1,7 @@
 """The pipelined embed engine's parts, on CPU: JPEG payloads, device-side assembly/downscale, the fixed-shape
 encode loop, the per-slide assembler, and feature equivalence with the reference engine (OpenSlide + CPU).
 
-The Ray pipeline itself runs in tests/test_embed.py (the CLI's default engine). CUDA-only assertions skip here.
+The Ray pipeline itself runs in tests/test_embed.py (`--engine pipelined`, local and S3) and tests/test_faults.py. CUDA-only assertions skip here.
 """
 
 from __future__ import annotations

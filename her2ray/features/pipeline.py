@@ -2,7 +2,7 @@
 
 Two engines (``engine=``), same outputs, same resume rules, same catalog:
 
-* ``pipelined`` (default; features/stages.py): planning and tile reading run as Ray Data CPU tasks several
+* ``pipelined`` (the default on GPU clusters, ``engine="auto"``; features/stages.py): planning and tile reading run as Ray Data CPU tasks several
   slides ahead, an encoder actor per GPU (or CPU actors) takes fixed-shape batches of tiles from any slide,
   and the driver commits each slide's file when its last tile is encoded (features/assemble.py);
 * ``slide`` (the reference engine, kept for formats/debugging and as the benchmark baseline)::
