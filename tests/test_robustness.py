@@ -29,16 +29,19 @@ from faultproxy import FaultProxy  # noqa: E402
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_second_run_is_refused_while_the_first_is_alive_and_a_stale_lease_is_taken_over(where, tmp_path, request):
     store = str(tmp_path / "store") if where == "local" else request.getfixturevalue("s3_bucket") + "/store"
-    first = StoreLease(store, ttl_s=1.5).acquire()
+    first = StoreLease(store, ttl_s=60).acquire()
     with pytest.raises(StoreBusyError, match=r"in use by another `her2ray embed` run .*host .*pid"):
-        StoreLease(store, ttl_s=1.5).acquire()
-    record = json.loads(storage.read_text(storage.join(store, LEASE_FILE)))
+        StoreLease(store, ttl_s=60).acquire()
+    url = storage.join(store, LEASE_FILE)
+    record = json.loads(storage.read_text(url))
     assert {"owner", "host", "pid", "started_utc", "heartbeat_unix", "ttl_s"} <= set(record)
     assert record["owner"] == first.run_id
     first.renew()                                     # a live holder keeps it
-    time.sleep(1.7)                                   # ... then stops beating (killed): stale after the ttl
-    second = StoreLease(store, ttl_s=1.5).acquire()
-    assert json.loads(storage.read_text(storage.join(store, LEASE_FILE)))["owner"] == second.run_id
+    # the holder is killed on another host: its last heartbeat ages past the ttl
+    record = json.loads(storage.read_text(url))
+    storage.write_text_atomic(url, json.dumps({**record, "host": "elsewhere", "heartbeat_unix": time.time() - 61}))
+    second = StoreLease(store, ttl_s=60).acquire()
+    assert json.loads(storage.read_text(url))["owner"] == second.run_id
     first.renew()                                     # the old holder finds out it lost the store
     assert first.lost and second.run_id in first.lost
     with pytest.raises(StoreBusyError, match="taken over"):
@@ -152,12 +155,12 @@ def test_outputs_follow_the_umask(tmp_path):
 
 def test_run_json_heartbeat_tells_a_dead_run_from_a_live_one(tmp_path):
     url = str(tmp_path / "run.json")
-    with RunHeartbeat(url, {"stage": "embed", "status": "running"}, interval_s=0.2) as heart:
-        time.sleep(0.5)
+    with RunHeartbeat(url, {"stage": "embed", "status": "running"}, interval_s=1.0) as heart:
+        time.sleep(1.3)
         rec = json.loads(open(url).read())
         assert liveness(rec) == "running" and rec["pid"] == os.getpid() and rec["started_utc"]
     # no more beats (the run was killed): stale after STALE_AFTER intervals
-    assert liveness(rec, now=time.time() + 5) == "stale"
+    assert rec["heartbeat_utc"] and liveness(rec, now=time.time() + 10) == "stale"
     assert liveness(heart.final(status="finished")) == "finished"
 
 
@@ -180,7 +183,7 @@ def test_ray_that_cannot_start_has_its_own_exit_code_and_message():
             f"try:\n    ensure_ray('127.0.0.1:{port}')\nexcept Her2RayError as e:\n"
             "    print(e); sys.exit(e.exit_code)\n")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert f"could not connect to the Ray cluster at 127.0.0.1:{port}" in proc.stdout
-    assert time.perf_counter() - t0 < 30
+    assert time.perf_counter() - t0 < 60          # not the minutes ray.init spends waiting for a GCS
