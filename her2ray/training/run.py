@@ -28,8 +28,10 @@ from ..labels import NUM_CLASSES, PROB_COLUMNS, parse_her2_score, score_name
 from ..manifest import load_manifest
 from ..provenance import run_record, write_run_record
 from ..ray_runtime import ensure_ray
+from ..models import GRAPH_MODELS
 from . import checkpoints as ck
 from .config import TrainConfig
+from .graphs import prebuild_graphs
 from .determinism import compute_record
 from .loop import FoldSpec
 from .postprocess import calibrated_columns, calibration_metrics, fit_postprocessing, postprocess_markdown
@@ -434,6 +436,9 @@ def train_cv(features: str, manifest: str, out: str, cfg: TrainConfig, test_mani
     try:
         if not local:
             check_cluster_resources(cfg)
+        if cfg.model in GRAPH_MODELS:   # SlideGraph+: every slide graph once, not once per fold
+            prebuild_graphs([u for s in specs[:1] for u in s.train_urls + s.val_urls + s.test_urls],
+                            cfg.graph_settings(), local)
         results, errors = run_folds(specs, storage.join(out, ck.FOLDS_DIR), cfg.max_concurrent_folds, local)
     finally:
         if started_ray:
