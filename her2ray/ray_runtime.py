@@ -9,13 +9,16 @@ A private Ray is started with ``address="local"``: without it ``ray.init()`` joi
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
+import re
 
 from . import console
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger(__name__)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def ensure_ray(address: str | None = None, *, log_to_driver: bool = True, **init_kwargs) -> bool:
@@ -60,4 +63,6 @@ def route_worker_output(stream) -> bool:
 
 
 def _print_to(stream, ray_worker, data) -> None:
-    ray_worker.print_worker_logs(data, stream)
+    buf = io.StringIO()
+    ray_worker.print_worker_logs(data, buf)
+    stream.write(_ANSI.sub("", buf.getvalue()))   # a log file, not a terminal: no colour codes
