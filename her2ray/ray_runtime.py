@@ -15,6 +15,7 @@ import os
 import re
 
 from . import console
+from .errors import RayStartError
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger(__name__)
@@ -33,15 +34,43 @@ def ensure_ray(address: str | None = None, *, log_to_driver: bool = True, **init
     address = address or os.environ.get("RAY_ADDRESS") or None
     quiet = console.ray_log_stream() is not None
     forward = log_to_driver or quiet
-    if address:
-        ray.init(address=address, log_to_driver=forward)
-    else:
-        path = os.pathsep.join(p for p in (_PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
-        ray.init(address="local", include_dashboard=False, log_to_driver=forward,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}}, **init_kwargs)
+    try:
+        if address:
+            probe_address(address)
+            ray.init(address=address, log_to_driver=forward)
+        else:
+            path = os.pathsep.join(p for p in (_PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
+            ray.init(address="local", include_dashboard=False, log_to_driver=forward,
+                     runtime_env={"env_vars": {"PYTHONPATH": path}}, **init_kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure here means "no Ray": its own error and exit code
+        raise ray_start_error(address, exc) from exc
     if quiet:
         route_worker_output(console.ray_log_stream())
     return True
+
+
+def probe_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when a ``host:port`` Ray address has nothing listening (``ray.init`` would wait minutes)."""
+    import socket
+
+    if "://" in address or address in ("auto", "local") or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except ValueError:
+        return
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc.strerror or exc})") from None
+
+
+def ray_start_error(address: str | None, exc: BaseException) -> RayStartError:
+    """The message for "Ray could not start": where, why, and what to check."""
+    where = f"connect to the Ray cluster at {address}" if address else "start a local Ray"
+    hint = ("check the address and that the cluster is up (`ray status --address ...`)" if address else
+            "check free memory and /tmp space, and that no stale Ray holds the ports (`ray stop`)")
+    return RayStartError(f"could not {where}: {type(exc).__name__}: {str(exc).strip()[:500]}; {hint}")
 
 
 def route_worker_output(stream) -> bool:

@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
         return int(args.func(args) or 0)
     except Her2RayError as exc:
         print(f"her2ray {args.command}: error: {exc}", file=console.stderr())
-        return 2
+        return exc.exit_code          # 2 bad input, 3 Ray could not start, 4 store busy, 1 folds failed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,8 @@ from ..config import yaml_section
 from ..errors import ConfigError
 
 #: YAML keys of the ``embed`` section that place work on the cluster (everything else is an EmbedConfig key)
-RAY_KEYS = ("address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "overwrite", "progress")
+RAY_KEYS = ("address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "overwrite", "progress",
+            "slide_timeout", "max_worker_crashes")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -52,6 +53,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-gpus-per-actor", type=float, default=None,
                    help="GPUs per actor; fractions share a GPU (default 1 when the cluster has GPUs, else 0)")
     p.add_argument("--num-cpus-per-actor", type=float, default=None, help="CPUs per CPU-only actor (default 4)")
+    p.add_argument("--slide-timeout", type=float, default=None,
+                   help="seconds without progress before a slide is failed and its worker recycled "
+                        "(default 600, plus 300 per GiB of slide file)")
+    p.add_argument("--max-worker-crashes", type=int, default=None,
+                   help="worker crashes on one slide after which it is failed (default 2; Ray retries it until then)")
     p.add_argument("--overwrite", action="store_true", help="recompute slides that already have feature files")
     p.add_argument("--config", default=None, help="YAML file; its `embed` section gives defaults, flags win")
     p.add_argument("--qc-dir", default=None,
@@ -89,7 +95,8 @@ def build_config(args) -> tuple[Any, dict[str, Any]]:
     data.update({k: v for k, v in flags.items() if v is not None})
     data["tiling"] = tiling
     cfg = EmbedConfig.from_mapping(data, source=source)
-    for key in ("address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor"):
+    for key in ("address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "slide_timeout",
+                "max_worker_crashes"):
         if getattr(args, key) is not None:
             ray_opts[key] = getattr(args, key)
     if args.overwrite:
@@ -99,6 +106,10 @@ def build_config(args) -> tuple[Any, dict[str, Any]]:
     for key in ("num_actors",):
         if ray_opts.get(key) is not None and int(ray_opts[key]) < 1:
             raise ConfigError(f"{source}: {key} must be >= 1, got {ray_opts[key]}")
+    if ray_opts.get("slide_timeout") is not None and float(ray_opts["slide_timeout"]) <= 0:
+        raise ConfigError(f"{source}: slide_timeout must be > 0 seconds, got {ray_opts['slide_timeout']}")
+    if ray_opts.get("max_worker_crashes") is not None and int(ray_opts["max_worker_crashes"]) < 1:
+        raise ConfigError(f"{source}: max_worker_crashes must be >= 1, got {ray_opts['max_worker_crashes']}")
     return cfg, ray_opts
 
 

@@ -41,6 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-png", action="store_true", help="GeoJSON only")
     p.add_argument("--no-geojson", action="store_true", help="PNG only")
     p.add_argument("--address", help="Ray address; default: local Ray (started if needed)")
+    p.add_argument("--slide-timeout", type=float, default=None,
+                   help="seconds without progress on one slide before it is failed and its worker recycled "
+                        "(default 600, plus 300 per GiB of slide file; Ray mode only)")
     p.add_argument("--local", action="store_true", help="render in this process, without Ray")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
@@ -63,7 +66,9 @@ def run(args) -> int:
     cfg = HeatmapConfig.from_mapping({
         "out": args.out, "max_px": args.max_px, "cmap": args.cmap, "alpha": args.alpha,
         "normalize": args.normalize, "scale": args.scale, "png": not args.no_png, "geojson": not args.no_geojson,
-        "address": args.address}, source="her2ray heatmap flags")
+        "address": args.address,
+        **({"slide_timeout": args.slide_timeout} if args.slide_timeout is not None else {})},
+        source="her2ray heatmap flags")
     jobs, failed = plan_jobs(attention_dir, args.slides, predictions=predictions, slide_ids=args.slide_ids,
                              features=args.features, tile_size=args.tile_size)
     if not jobs and not failed:

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from .. import storage
+from ..watchdog import beat
 from ..config import StageConfig
 from ..errors import SlideError
 from ..tiling import TilingConfig
@@ -168,8 +169,10 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
         normalizer = cfg.stain_normalizer()
         if cache is None and cfg.storage_options:
             cache = SlideCache(storage_options=cfg.storage_options)
+        beat("opening slide")
         with open_slide(row["path"], mpp_override=_mpp_override(row), backend=cfg.slide_backend,
                         cache=cache, mpp_from_magnification=cfg.mpp_from_magnification) as reader:
+            beat("planning tissue tiles")
             grid = plan_tiles(reader, cfg.tiling, keep_mask=cfg.qc_dir is not None)
             mpp_info = _mpp_provenance(reader, sid)
             mpp, level = grid.slide_mpp, grid.level
@@ -187,6 +190,7 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
                 if item is None:
                     break
                 idx, tiles = item
+                beat("reading and encoding tiles")
                 if normalizer is not None:
                     tiles = normalizer(tiles)
                 feats[idx] = encoder.embed_tiles(tiles)
@@ -201,6 +205,7 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
                    "precision": encoder.precision, "device": str(encoder.device),
                    "torch_threads": _torch_threads(encoder.device),
                    "random_weights": bool(encoder.random_weights)})
+        beat("writing the feature file")
         table = build_feature_table(sid, grid.x, grid.y, grid.tissue_fraction, feats, meta)
         storage.write_parquet_atomic(table, feature_url(out_store, sid), cfg.storage_options)
         return status_row(row, STATUS_OK, n_tiles=len(grid), mpp=mpp, level=level,

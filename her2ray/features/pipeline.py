@@ -16,20 +16,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from .. import storage
+from .. import resources, storage, watchdog
+from ..heartbeat import RunHeartbeat
 from ..preflight import preflight_rows
 from ..ray_runtime import ensure_ray
-from ..errors import ConfigError
 from ..provenance import run_record
 from . import catalog
+from .lease import StoreLease
 from .embed import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, EmbedConfig, embed_slide, load_engine_encoder,
                     resume_key, status_row)
 from .schema import FEATURES_DIR, RUN_FILE
@@ -41,7 +43,9 @@ class SlideEmbedActor:
     """Ray Data callable class: one encoder per actor, one slide per call (``batch_size=1``)."""
 
     def __init__(self, cfg: dict[str, Any], out_store: str, storage_options: dict[str, Any] | None = None,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, guard: dict[str, Any] | None = None, ledger=None,
+                 plugins: str | None = None):
+        watchdog.load_plugins(plugins)
         if torch_threads:
             import torch
 
@@ -49,10 +53,12 @@ class SlideEmbedActor:
         self.cfg = EmbedConfig.from_mapping({**cfg, "storage_options": storage_options})
         self.out_store = out_store
         self.encoder = load_engine_encoder(self.cfg)
+        self.guard = watchdog.Guard(ledger, watchdog.GuardConfig(**(guard or {})), storage_options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = _batch_rows(batch)
-        return status_table([embed_slide(r, self.encoder, self.cfg, self.out_store) for r in rows])
+        return status_table([self.guard.run(
+            r["slide_id"], r["path"], lambda r=r: embed_slide(r, self.encoder, self.cfg, self.out_store),
+            lambda reason, r=r: status_row(r, STATUS_FAILED, error=reason)) for r in _batch_rows(batch)])
 
 
 def _batch_rows(batch: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -168,34 +174,38 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def plan_actors(resources: Mapping[str, float], n_todo: int, *, num_actors: int | None = None,
-                num_gpus_per_actor: float | None = None, num_cpus_per_actor: float | None = None
-                ) -> dict[str, Any]:
-    """Actor count and per-actor resources: one actor per GPU (or per fraction) when the cluster has GPUs,
-    else CPU actors of ``num_cpus_per_actor`` (default min(4, cluster CPUs)) each."""
-    gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 1.0))
-    if num_gpus_per_actor is None:
-        num_gpus_per_actor = 1.0 if gpus >= 1 else 0.0
-    if num_gpus_per_actor < 0:
-        raise ConfigError(f"--num-gpus-per-actor must be >= 0, got {num_gpus_per_actor}")
-    if num_gpus_per_actor > 0:
-        if gpus == 0:
-            log.warning("GPU actors requested but the cluster shows no GPUs yet (autoscaling?); actors wait for one")
-        n = num_actors or max(1, int(math.floor(gpus / num_gpus_per_actor + 1e-9)))
-        plan = {"num_gpus": float(num_gpus_per_actor), "device": None, "torch_threads": None}
-    else:
-        c = float(num_cpus_per_actor or max(1.0, min(4.0, cpus)))
-        n = num_actors or max(1, int(cpus // c))
-        plan = {"num_cpus": c, "device": "cpu", "torch_threads": max(1, int(c))}
-    plan["num_actors"] = max(1, min(int(n), max(1, n_todo)))
-    return plan
+def plan_actors(node: Mapping[str, float] | Sequence[resources.NodeShape], n_todo: int, *,
+                num_actors: int | None = None, num_gpus_per_actor: float | None = None,
+                num_cpus_per_actor: float | None = None) -> dict[str, Any]:
+    """Actor count and per-actor resources (``resources.plan_for_nodes``): one actor per GPU (or per fraction)
+    on GPU nodes, else CPU actors of ``num_cpus_per_actor`` (default min(4, CPUs of the largest node)).
+    ``node``: node shapes, or one resource mapping taken as a single node."""
+    shapes = node if not isinstance(node, Mapping) else [resources.NodeShape(
+        "node", float(node.get("CPU", 1.0)), float(node.get("GPU", 0.0)))]
+    return resources.plan_for_nodes(shapes, n_todo, num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor,
+                                    num_cpus_per_actor=num_cpus_per_actor)
 
 
-def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, *, address: str | None = None,
-                 num_actors: int | None = None, num_gpus_per_actor: float | None = None,
-                 num_cpus_per_actor: float | None = None, overwrite: bool = False, progress: bool = True,
-                 manifest: str | None = None) -> EmbedSummary:
+def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, *,
+                 lease_ttl_s: float | None = None, **options: Any) -> EmbedSummary:
     """Embed every manifest row not already done into the store ``out`` (local folder or s3:// prefix).
+
+    Holds the store's lease (``features/lease.py``: a second live run on the same store is refused with
+    ``StoreBusyError``) for the whole run; see ``_embed_locked`` for the rest.
+    """
+    storage.makedirs(storage.join(out, FEATURES_DIR))
+    kwargs = {} if lease_ttl_s is None else {"ttl_s": float(lease_ttl_s)}
+    with StoreLease(out, command="embed", storage_options=cfg.storage_options, **kwargs) as lease:
+        catalog.remove_stray_temp_files(out, min_age_s=lease.ttl_s)
+        return _embed_locked(rows, out, cfg, lease=lease, **options)
+
+
+def _embed_locked(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, *, lease: StoreLease,
+                  address: str | None = None, num_actors: int | None = None,
+                  num_gpus_per_actor: float | None = None, num_cpus_per_actor: float | None = None,
+                  overwrite: bool = False, progress: bool = True, manifest: str | None = None,
+                  slide_timeout: float | None = None, max_worker_crashes: int | None = None) -> EmbedSummary:
+    """The run itself, under the store lease.
 
     Writes ``features/<slide_id>.parquet`` (by the actors), then ``slides.parquet`` and ``run.json``.
     Returns an ``EmbedSummary``; per-slide failures are in it (and in the catalog), never raised.
@@ -203,8 +213,6 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
     t0 = time.perf_counter()
     so = cfg.storage_options
     rows = [dict(r) for r in rows]
-    storage.makedirs(storage.join(out, FEATURES_DIR))
-    catalog.remove_stray_temp_files(out)
     # Preflight before the encoder and Ray: missing/unreadable slides fail now, with the reason, not in a worker.
     checked = preflight_rows(rows, so)
     timing = {"preflight_s": checked.seconds}
@@ -233,27 +241,23 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
     record = run_record("embed", cfg.to_dict(), encoder=identity, resume_key=key, manifest=manifest,
                         status="running", n_slides=len(rows))
     run_url = storage.join(out, RUN_FILE)
-    _write_run(run_url, record, so)
+    heart = RunHeartbeat(run_url, {**record, "lease_owner": lease.run_id}, so)
 
     results: dict[str, dict[str, Any]] = {}
     actors: dict[str, Any] = {}
-    if plan.todo:
-        import ray
-
-        t_ray = time.perf_counter()
-        ensure_ray(address, log_to_driver=False)
-        timing["ray_start_s"] = time.perf_counter() - t_ray
-        log.info("Ray: %s", ray.cluster_resources())
-        actors = plan_actors(ray.cluster_resources(), len(plan.todo), num_actors=num_actors,
-                             num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor)
-        results = _run_actors(ray, plan.todo, out, cfg, actors, progress, timing)
-
+    with heart:
+        if plan.todo:
+            results, actors = _embed_todo(plan.todo, out, cfg, timing, address=address, num_actors=num_actors,
+                                          num_gpus_per_actor=num_gpus_per_actor,
+                                          num_cpus_per_actor=num_cpus_per_actor, progress=progress,
+                                          slide_timeout=slide_timeout, max_worker_crashes=max_worker_crashes)
     statuses = preflight_failed + list(plan.skipped)
     for r in plan.todo:
         statuses.append(results.get(r["slide_id"]) or status_row(
             r, STATUS_FAILED, error="no result from the worker (process crashed or the block errored; "
                                     "see the Ray worker logs)"))
     table = catalog.build_catalog(rows, statuses)
+    lease.check()                     # never commit the catalog after another run took the store over
     catalog_url = catalog.write_catalog(out, table, so)
     if cfg.qc_dir:
         _contact_sheets(cfg, table)
@@ -268,8 +272,30 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
                 if s["status"] == STATUS_FAILED],
         encoder=identity, actors={k: v for k, v in actors.items() if v is not None},
         catalog_url=catalog_url, run_url=run_url, timing=timing)
-    _write_run(run_url, {**record, "status": "finished", "summary": summary.to_dict()}, so)
+    _write_run(run_url, heart.final(status="finished", summary=summary.to_dict()), so)
     return summary
+
+
+def _embed_todo(todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, timing: dict[str, float], *,
+                address: str | None, num_actors: int | None, num_gpus_per_actor: float | None,
+                num_cpus_per_actor: float | None, progress: bool, slide_timeout: float | None,
+                max_worker_crashes: int | None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Ray part of a run: size actors per node (fail fast when none fits), run them under the watchdog."""
+    import ray
+
+    t_ray = time.perf_counter()
+    ensure_ray(address, log_to_driver=False)
+    timing["ray_start_s"] = time.perf_counter() - t_ray
+    shapes = resources.cluster_shapes()
+    log.info("Ray nodes: %s", "; ".join(s.describe() for s in shapes))
+    actors = plan_actors(shapes, len(todo), num_actors=num_actors,
+                         num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor)
+    resources.check_fits(resources.actor_request(actors), shapes, what="an embed actor",
+                         hint="Lower --num-cpus-per-actor / --num-gpus-per-actor, or add a bigger node.")
+    guard = watchdog.GuardConfig(
+        timeout_s=watchdog.DEFAULT_SLIDE_TIMEOUT_S if slide_timeout is None else float(slide_timeout),
+        max_crashes=watchdog.DEFAULT_MAX_CRASHES if max_worker_crashes is None else int(max_worker_crashes))
+    return _run_actors(ray, todo, out, cfg, actors, progress, guard, timing), actors
 
 
 def _contact_sheets(cfg: EmbedConfig, catalog_table: pa.Table) -> None:
@@ -306,7 +332,8 @@ def _write_run(url: str, record: dict[str, Any], storage_options: Mapping[str, A
 
 
 def _run_actors(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, actors: dict[str, Any],
-                progress: bool, timing: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+                progress: bool, guard: watchdog.GuardConfig | None = None,
+                timing: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
     """Map the engine over ``todo`` on an actor pool; returns status rows by slide id as they stream in."""
     items = [{"slide_id": r["slide_id"], "path": str(r["path"]),
               "mpp": None if r.get("mpp") in (None, "") else float(r["mpp"])} for r in todo]
@@ -321,15 +348,20 @@ def _run_actors(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, act
     ctx.max_errored_blocks = len(items)
     if progress:
         ctx.enable_progress_bars = False      # our per-slide lines replace Ray's operator bars
+    guard = guard or watchdog.GuardConfig()
+    ledger = watchdog.make_ledger()           # attempts/timeouts per slide, shared by the actors
     try:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        statuses = ds.map_batches(
-            SlideEmbedActor,
-            fn_constructor_kwargs={"cfg": actor_cfg, "out_store": out, "storage_options": cfg.storage_options,
-                                   "torch_threads": actors.get("torch_threads")},
-            batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors["num_actors"]),
-            **remote)
+        with warnings.catch_warnings():       # retry bounds exist only as (deprecated) raw remote args in 2.60
+            warnings.simplefilter("ignore")
+            statuses = ds.map_batches(
+                SlideEmbedActor,
+                fn_constructor_kwargs={"cfg": actor_cfg, "out_store": out, "storage_options": cfg.storage_options,
+                                       "torch_threads": actors.get("torch_threads"), "guard": guard.to_dict(),
+                                       "ledger": ledger, "plugins": os.environ.get(watchdog.PLUGIN_ENV)},
+                batch_size=1, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors["num_actors"]),
+                **remote, **watchdog.ray_task_options(guard))
         meter = _Progress(len(items), enabled=progress)
         results: dict[str, dict[str, Any]] = {}
         t_start = time.perf_counter()
@@ -340,6 +372,13 @@ def _run_actors(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, act
                 work_started = meter.t0 = time.perf_counter() - float(row.get("seconds") or 0.0)
             results[str(row["slide_id"])] = row
             meter.update(row)
+        missing = [r for r in todo if r["slide_id"] not in results]
+        if missing:                           # blocks dropped after the retry bound: say why, per slide
+            report = watchdog.ledger_report(ledger)
+            for r in missing:
+                results[r["slide_id"]] = status_row(
+                    r, STATUS_FAILED, error=watchdog.missing_reason(r["slide_id"], report, guard))
+                meter.update(results[r["slide_id"]])
         if timing is not None and work_started is not None:
             timing["actor_startup_s"] = max(0.0, work_started - t_start)
             timing["embed_s"] = time.perf_counter() - work_started

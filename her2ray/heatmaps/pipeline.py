@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from pydantic import Field
 
-from .. import console, storage
+from .. import console, resources, storage, watchdog
 from ..ray_runtime import ensure_ray
 from ..config import StageConfig
 from ..errors import ConfigError, FeatureStoreError
@@ -63,6 +63,9 @@ class HeatmapConfig(StageConfig):
     address: str | None = None
     cpus_per_task: float = Field(1.0, gt=0)
     max_in_flight: int = Field(64, ge=1)
+    slide_timeout: float = Field(watchdog.DEFAULT_SLIDE_TIMEOUT_S, gt=0,
+                                 description="seconds without progress on one slide before it is failed")
+    max_worker_crashes: int = Field(watchdog.DEFAULT_MAX_CRASHES, ge=1)
 
 
 @dataclass
@@ -112,6 +115,7 @@ def render_slide(job: HeatmapJob, cfg: HeatmapConfig) -> dict[str, Any]:
     status = {"slide_id": job.slide_id, "status": "failed", "reason": "", "png": "", "geojson": "",
               "n_tiles": 0, "seconds": 0.0}
     try:
+        watchdog.beat("reading attention")
         x, y, scores, meta = read_attention(job.attention_url)
         size = _tile_size(job, meta)
         status["n_tiles"] = int(len(x))
@@ -121,6 +125,7 @@ def render_slide(job: HeatmapJob, cfg: HeatmapConfig) -> dict[str, Any]:
             write_geojson(url, fc)
             status["geojson"] = url
         if cfg.png:
+            watchdog.beat("opening slide")
             with open_slide(job.slide_path, mpp_override=job.mpp) as reader:
                 thumb = reader.thumbnail(cfg.max_px)
                 dims = reader.dimensions
@@ -142,6 +147,21 @@ def render_slide(job: HeatmapJob, cfg: HeatmapConfig) -> dict[str, Any]:
     status["seconds"] = round(time.perf_counter() - t0, 3)
     return status
 
+
+def _failed_status(slide_id: str, reason: str) -> dict[str, Any]:
+    return {"slide_id": slide_id, "status": "failed", "reason": reason, "png": "", "geojson": "", "n_tiles": 0,
+            "seconds": 0.0}
+
+
+def _render_task(job_dict: dict[str, Any], cfg_dict: dict[str, Any], ledger=None,
+                 plugins: str | None = None) -> dict[str, Any]:
+    """One slide in a Ray task, under the process watchdog and the run's crash ledger."""
+    watchdog.load_plugins(plugins)
+    job, cfg = HeatmapJob(**job_dict), HeatmapConfig.from_mapping(cfg_dict)
+    guard = watchdog.Guard(ledger, watchdog.GuardConfig(timeout_s=cfg.slide_timeout,
+                                                        max_crashes=cfg.max_worker_crashes))
+    return guard.run(job.slide_id, job.slide_path, lambda: render_slide(job, cfg),
+                     lambda reason: _failed_status(job.slide_id, reason))
 
 def _reader_mpp(reader) -> float | None:
     try:
@@ -179,10 +199,6 @@ def cohort_range(jobs: list[HeatmapJob], percentile: float = 99.0) -> tuple[floa
     allv = np.concatenate(values) if values else np.zeros(0)
     hi = float(np.percentile(allv, percentile)) if len(allv) else 1.0
     return 0.0, max(hi, 1.0)
-
-
-def _render_task(job_dict: dict[str, Any], cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    return render_slide(HeatmapJob(**job_dict), HeatmapConfig.from_mapping(cfg_dict))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -254,8 +270,7 @@ def plan_jobs(attention_dir: str, slides: Iterable[str], predictions: str | None
         elif sid not in paths:
             reason = "slide path unknown (not in --slides)"
         if reason:
-            failed.append({"slide_id": sid, "status": "failed", "reason": reason, "png": "", "geojson": "",
-                           "n_tiles": 0, "seconds": 0.0})
+            failed.append(_failed_status(sid, reason))
             continue
         jobs.append(HeatmapJob(slide_id=sid, slide_path=paths[sid]["path"], attention_url=attention[sid],
                                prediction=preds.get(sid), tile_size=tile_size, mpp=paths[sid].get("mpp"),
@@ -302,15 +317,27 @@ def render_cohort(jobs: list[HeatmapJob], cfg: HeatmapConfig, local: bool = Fals
             import ray
 
             ensure_ray(cfg.address, log_to_driver=False)
-            task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=1)(_render_task)
-            cfg_dict = cfg.to_dict()
-            pending: list = []
+            resources.check_fits({"CPU": cfg.cpus_per_task}, resources.cluster_shapes(), what="a heatmap task",
+                                 hint="Lower cpus_per_task.")
+            guard = watchdog.GuardConfig(timeout_s=cfg.slide_timeout, max_crashes=cfg.max_worker_crashes)
+            ledger = watchdog.make_ledger()
+            # Ray retries a task whose worker died; the ledger fails the slide at the crash budget.
+            task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=guard.max_crashes + 1)(_render_task)
+            cfg_dict, plugins = cfg.to_dict(), os.environ.get(watchdog.PLUGIN_ENV)
+            pending: dict = {}
             queue = list(jobs)
             while queue or pending:
                 while queue and len(pending) < cfg.max_in_flight:
-                    pending.append(task.remote(asdict(queue.pop(0)), cfg_dict))
-                done, pending = ray.wait(pending, num_returns=1)
-                for status in ray.get(done):
+                    job = queue.pop(0)
+                    pending[task.remote(asdict(job), cfg_dict, ledger, plugins)] = job.slide_id
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    sid = pending.pop(ref)
+                    try:
+                        status = ray.get(ref)
+                    except ray.exceptions.RayError:      # retries exhausted: the ledger says why
+                        status = _failed_status(sid, watchdog.missing_reason(
+                            sid, watchdog.ledger_report(ledger), guard))
                     results[status["slide_id"]] = status
                     if bar is not None:
                         bar.update(1)

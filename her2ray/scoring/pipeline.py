@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from pydantic import Field
 
-from .. import console, storage
+from .. import console, resources, storage, watchdog
 from ..ray_runtime import ensure_ray
 from ..config import StageConfig
 from ..errors import FeatureStoreError
@@ -42,7 +44,7 @@ from ..training.calibration import load_calibration
 from ..training.operating_points import load_operating_points
 from ..provenance import run_record, write_run_record
 from .checkpoints import ensemble_identity
-from .engine import ATTENTION_DIR, RESULT_SCHEMA, FoldEnsemble, result_schema, rows_to_table, score_slide
+from .engine import ATTENTION_DIR, RESULT_SCHEMA, FoldEnsemble, empty_row, result_schema, rows_to_table, score_slide
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ class ScoreConfig(StageConfig):
     actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    slide_timeout: float = Field(watchdog.DEFAULT_SLIDE_TIMEOUT_S, gt=0,
+                                 description="seconds without progress on one slide before it is failed")
+    max_worker_crashes: int = Field(watchdog.DEFAULT_MAX_CRASHES, ge=1)
     progress: bool = True
 
 
@@ -110,18 +115,26 @@ class EnsembleScorer:
     """Callable-class UDF: one per actor; the fold ensemble is loaded once in ``__init__``."""
 
     def __init__(self, run_url: str, out_dir: str, attention: bool = False, device: str | None = None,
-                 expected_sha256: str | None = None, num_threads: int | None = None):
+                 expected_sha256: str | None = None, num_threads: int | None = None,
+                 guard: dict[str, Any] | None = None, ledger=None, plugins: str | None = None):
+        watchdog.load_plugins(plugins)
         if num_threads:
             import torch
 
             torch.set_num_threads(max(1, int(num_threads)))  # no oversubscription next to other actors
         self.ensemble = FoldEnsemble.from_run(run_url, device=device, expected_sha256=expected_sha256)
         self.out_dir, self.attention = out_dir, attention
+        self.guard = watchdog.Guard(ledger, watchdog.GuardConfig(**(guard or {})))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = [score_slide(self.ensemble, str(sid), str(url), out_dir=self.out_dir, attention=self.attention)
+        rows = [self.guard.run(str(sid), str(url), lambda sid=sid, url=url: self._score(str(sid), str(url)),
+                               lambda reason, sid=sid: {**empty_row(str(sid)), "error": reason})
                 for sid, url in zip(batch["slide_id"], batch["feature_url"])]
         return rows_to_table(rows, self.ensemble.schema)
+
+    def _score(self, slide_id: str, url: str) -> dict[str, Any]:
+        watchdog.beat("scoring")
+        return score_slide(self.ensemble, slide_id, url, out_dir=self.out_dir, attention=self.attention)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,22 +221,31 @@ def run_ray_scoring(plan_todo: list[dict[str, str]], cfg: ScoreConfig, identity:
     schema = result_schema(identity.get("flag_columns", ()))
     if not plan_todo:
         return rows_to_table([], schema)
+    resources.check_fits({"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}, resources.cluster_shapes(),
+                         what="a scoring actor", hint="Lower --cpus-per-actor / --gpus-per-actor.")
+    guard = watchdog.GuardConfig(timeout_s=cfg.slide_timeout, max_crashes=cfg.max_worker_crashes)
+    ledger = watchdog.make_ledger()
     n = len(plan_todo)
     # Blocks are the unit of parallelism and retry: about one batch per block, enough blocks to feed the pool.
     num_blocks = max(1, min(n, max(math.ceil(n / cfg.batch_slides), 4 * cfg.actors)))
     ds = ray.data.from_items(plan_todo, override_num_blocks=num_blocks)
     device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
-    scored = ds.map_batches(
-        EnsembleScorer,
-        fn_constructor_kwargs={"run_url": cfg.model, "out_dir": cfg.out, "attention": cfg.attention,
-                               "device": device, "expected_sha256": identity["sha256"],
-                               "num_threads": max(1, int(cfg.cpus_per_actor))},
-        batch_size=cfg.batch_slides, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
-    )
-    parts = []
     ctx = ray.data.DataContext.get_current()
+    saved_errored = ctx.max_errored_blocks
+    ctx.max_errored_blocks = num_blocks          # a block dropped after the retry bound: reported per slide below
+    with warnings.catch_warnings():              # retry bounds exist only as (deprecated) raw remote args in 2.60
+        warnings.simplefilter("ignore")
+        scored = ds.map_batches(
+            EnsembleScorer,
+            fn_constructor_kwargs={"run_url": cfg.model, "out_dir": cfg.out, "attention": cfg.attention,
+                                   "device": device, "expected_sha256": identity["sha256"],
+                                   "num_threads": max(1, int(cfg.cpus_per_actor)), "guard": guard.to_dict(),
+                                   "ledger": ledger, "plugins": os.environ.get(watchdog.PLUGIN_ENV)},
+            batch_size=cfg.batch_slides, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None, **watchdog.ray_task_options(guard),
+        )
+    parts = []
     saved_bars = ctx.enable_progress_bars
     if cfg.progress:
         ctx.enable_progress_bars = False        # our per-slide bar replaces Ray's per-operator bars
@@ -237,9 +259,16 @@ def run_ray_scoring(plan_todo: list[dict[str, str]], cfg: ScoreConfig, identity:
             if on_batch is not None:
                 on_batch(batch)
     finally:
-        ctx.enable_progress_bars = saved_bars
+        ctx.enable_progress_bars, ctx.max_errored_blocks = saved_bars, saved_errored
     if work_started is not None:
         timing["scoring_s"] = time.perf_counter() - work_started
+    returned = {sid for p in parts for sid in p.column("slide_id").to_pylist()}
+    missing = [t["slide_id"] for t in plan_todo if t["slide_id"] not in returned]
+    if missing:
+        flags = identity.get("flag_columns", ())
+        report = watchdog.ledger_report(ledger)
+        parts.append(rows_to_table([{**empty_row(sid, flags), "error": watchdog.missing_reason(sid, report, guard)}
+                                    for sid in missing], schema))
     if not parts:
         return rows_to_table([], schema)
     return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
