@@ -29,8 +29,10 @@ from ..manifest import load_manifest
 from ..heartbeat import RunHeartbeat
 from ..provenance import run_record, write_run_record
 from ..ray_runtime import ensure_ray
+from ..models import GRAPH_MODELS
 from . import checkpoints as ck
 from .config import TrainConfig
+from .graphs import prebuild_graphs
 from .determinism import compute_record
 from .fold_check import check_fold_counts
 from .loop import FoldSpec
@@ -430,6 +432,9 @@ def train_cv(features: str, manifest: str, out: str, cfg: TrainConfig, test_mani
         try:
             if not local:
                 check_cluster_resources(cfg)
+            if cfg.model in GRAPH_MODELS:   # SlideGraph+: every slide graph once, not once per fold
+                prebuild_graphs([u for s in specs[:1] for u in s.train_urls + s.val_urls + s.test_urls],
+                                cfg.graph_settings(), local)
             results, errors = run_folds(specs, storage.join(out, ck.FOLDS_DIR), cfg.max_concurrent_folds, local)
         finally:
             if started_ray:
