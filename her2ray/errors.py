@@ -6,6 +6,21 @@ from __future__ import annotations
 class Her2RayError(Exception):
     """Base class of every error her2ray raises on purpose."""
 
+    #: exit status of the ``her2ray`` command when this error ends it (see "Exit codes" in the README)
+    exit_code = 2
+
+
+class RayStartError(Her2RayError):
+    """Ray could not be started locally or reached at the given address (nothing was run)."""
+
+    exit_code = 3
+
+
+class StoreBusyError(Her2RayError):
+    """Another live run holds the store's lease (see ``her2ray.features.lease``)."""
+
+    exit_code = 4
+
 
 class ConfigError(Her2RayError, ValueError):
     """A configuration (YAML, flags, dict) is invalid: unknown key, wrong type, bad value."""

@@ -18,6 +18,9 @@ from . import storage
 from .errors import ManifestError
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+\-]*$")
+#: longest slide id (bytes): ids become file names ``<id>.parquet`` and temp names ``.<id>.parquet.<random>.tmp``,
+#: which must stay within the 255-byte file-name limit of common filesystems (and S3 key limits)
+MAX_ID_BYTES = 200
 
 
 def read_table(url: str) -> pa.Table:
@@ -28,6 +31,7 @@ def read_table(url: str) -> pa.Table:
         raise ManifestError("manifest not found", file=str(url)) from None
     if str(url).lower().endswith((".parquet", ".pq")):
         return pq.read_table(io.BytesIO(data))
+    check_csv_text(data, str(url))
     try:
         header = pacsv.read_csv(io.BytesIO(data), read_options=pacsv.ReadOptions(skip_rows_after_names=10**9))
         names = header.column_names
@@ -40,6 +44,21 @@ def read_table(url: str) -> pa.Table:
         raise ManifestError(f"not a readable CSV: {exc}", file=str(url)) from None
 
 
+def check_csv_text(data: bytes, url: str) -> None:
+    """A CSV must be UTF-8 and have data rows; otherwise a ``ManifestError`` naming the first bad row."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1             # 1-based line; the header is line 1
+        raise ManifestError(f"not UTF-8 text (byte {data[exc.start:exc.start + 1]!r} at line {line}); save the "
+                            "manifest as UTF-8", file=url, row=max(1, line - 1) if line > 1 else None) from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise ManifestError("manifest is empty (no header, no rows)", file=url)
+    if len(lines) == 1:
+        raise ManifestError(f"manifest has a header ({lines[0].strip()[:120]}) but no rows", file=url)
+
+
 def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or (
         isinstance(value, str) and value.strip() == "")
@@ -50,6 +69,9 @@ def validate_slide_id(value: Any, *, file: str, row: int, column: str = "slide_i
     if _is_missing(value):
         raise ManifestError("empty slide id", file=file, row=row, column=column)
     sid = str(value).strip()
+    if len(sid.encode("utf-8")) > MAX_ID_BYTES:
+        raise ManifestError(f"slide id is {len(sid.encode('utf-8'))} bytes long (at most {MAX_ID_BYTES}: ids become "
+                            f"file names): {sid[:40]}...", file=file, row=row, column=column)
     if not SAFE_ID.match(sid) or ".." in sid:
         raise ManifestError(
             f"unsafe slide id {sid!r}: ids become file names, use letters, digits, '.', '_', '+', '-' "

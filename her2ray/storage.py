@@ -85,6 +85,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: Mapping[str, Any]
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
         try:
+            os.fchmod(fd, 0o666 & ~current_umask())     # mkstemp makes 0600; outputs follow the umask
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
             os.replace(tmp, path)
@@ -95,6 +96,20 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: Mapping[str, Any]
         return
     fs, path = filesystem_for(url, storage_options)
     fs.pipe_file(path, data)  # one PUT (or one multipart upload): visible only once complete
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``), else set-and-restore."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:

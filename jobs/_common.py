@@ -335,7 +335,11 @@ def run_stage(argv: Sequence[str], *, address: str | None, index: int = 1, total
     code = "import sys; from her2ray.cli import main; sys.exit(main(sys.argv[1:]))"
     sys.stdout.flush()
     sys.stderr.flush()
-    rc = subprocess.call([sys.executable, "-c", code, *argv], env=child_env(address))
+    from her2ray import console
+
+    # Under a quiet console the child gets the terminal (its own her2ray lines) and appends Ray's to our log.
+    rc = subprocess.call([sys.executable, "-c", code, *argv], env=console.child_env(child_env(address)),
+                         **console.child_stdio())
     seconds = time.perf_counter() - start
     if rc != 0:
         log(f"=== [{index}/{total}] {stage} FAILED (exit {rc}) after {_fmt_seconds(seconds)} ===")
@@ -365,10 +369,22 @@ def ray_address(options: RayOptions, *, log: Callable[[str], None] = print) -> I
         return
     import ray
 
+    if ray.is_initialized():   # this process already holds a Ray (e.g. a test session's): stages join it
+        address = ray.get_runtime_context().gcs_address
+        log(f"Ray: connecting stages to this process's Ray at {address}")
+        yield address
+        return
     os.environ["PYTHONPATH"] = child_env(None)["PYTHONPATH"]  # raylet-spawned workers import her2ray
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # private, loopback-only cluster (see cluster/README)
-    ctx = ray.init(num_cpus=options.num_cpus, include_dashboard=False, log_to_driver=False,
+    from her2ray import console
+    from her2ray.ray_runtime import route_worker_output
+
+    # address="local": a private Ray even when another one (`ray start`) runs on this machine
+    quiet = console.ray_log_stream() is not None
+    ctx = ray.init(address="local", num_cpus=options.num_cpus, include_dashboard=False, log_to_driver=quiet,
                    namespace="her2ray-local")
+    if quiet:
+        route_worker_output(console.ray_log_stream())
     address = ctx.address_info["gcs_address"]
     log(f"Ray: started a local Ray for this run at {address} "
         f"({int(ray.cluster_resources().get('CPU', 0))} CPUs)")
@@ -400,6 +416,18 @@ def run_pipeline(cfg: PipelineConfig, stages: Sequence[str] | None = None, *, so
     return timings
 
 
+def _run_quietly(cfg: PipelineConfig, stages: Sequence[str], source: str, verbose: bool) -> dict[str, float]:
+    """``run_pipeline`` with Ray's output in ``<out>/logs/pipeline-ray.log`` (local ``out``), unless verbose."""
+    from her2ray import console
+
+    console.set_verbose(verbose)
+    if verbose or console.is_verbose() or not storage.is_local(cfg.out):
+        return run_pipeline(cfg, stages, source=source)
+    log_path = os.path.join(storage.local_path(cfg.out), "logs", "pipeline-ray.log")
+    with console.QuietConsole(log_path):
+        return run_pipeline(cfg, stages, source=source)
+
+
 def job_main(stage: str | None, argv: Sequence[str] | None = None) -> int:
     """``python -m jobs.<stage> --config X.yaml`` (``stage=None``: the whole pipeline)."""
     name = f"jobs.{stage or 'pipeline'}"
@@ -408,6 +436,8 @@ def job_main(stage: str | None, argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="run YAML (local path or s3:// URL)")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate and print the her2ray command lines without running them")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Ray's output live on the console (default: OUT/logs/pipeline-ray.log)")
     args = parser.parse_args(argv)
     try:
         cfg = load_pipeline_config(args.config)
@@ -417,7 +447,7 @@ def job_main(stage: str | None, argv: Sequence[str] | None = None) -> int:
                 print("her2ray " + " ".join(shlex.quote(a) for a in stage_argv(s, cfg, source=args.config)))
             return 0
         total_start = time.perf_counter()
-        timings = run_pipeline(cfg, stages, source=args.config)
+        timings = _run_quietly(cfg, stages, args.config, verbose=args.verbose)
     except ConfigError as exc:
         print(f"{name}: config error: {exc}", file=sys.stderr)
         return 2

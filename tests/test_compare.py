@@ -61,10 +61,9 @@ def table2_runs(tmp_path_factory):
     specs = []
     for model in ("kat", "slidegraph"):
         cfg = TrainConfig(model=model, **TINY, **MODEL[model])
-        ab, cvb = str(base / f"{model}_a_to_b"), str(base / f"{model}_cv_b")
+        ab = str(base / f"{model}_a_to_b")   # one run gives two columns: CV on A and train A / test B
         train_cv(store, cohort_a, ab, cfg, test_manifest=cohort_b, local=True)
-        train_cv(store, cohort_b, cvb, cfg, local=True)
-        specs += [f"cv_a={ab}", f"cv_b={cvb}", f"a_to_b={ab}"]
+        specs += [f"cv_a={ab}", f"a_to_b={ab}"]
     return {"base": base, "specs": specs, "store": store, "a": cohort_a, "b": cohort_b}
 
 
@@ -73,7 +72,7 @@ def test_compare_writes_table2_with_paper_numbers_and_paired_test(table2_runs, c
     assert main(["compare", *table2_runs["specs"], "--out", str(out), "--n-boot", "200"]) == 0
     result = json.loads((out / "compare.json").read_text())
     rows = {(r["model"], r["setting"]): r for r in result["rows"]}
-    assert set(rows) == {(m, s) for m in ("kat", "slidegraph") for s in ("cv_a", "cv_b", "a_to_b")}
+    assert set(rows) == {(m, s) for m in ("kat", "slidegraph") for s in ("cv_a", "a_to_b")}
     assert rows[("kat", "cv_a")]["published_auc"] == {"mean": 0.795, "std": 0.028}
     assert rows[("slidegraph", "a_to_b")]["published_auc"]["mean"] == 0.564
     for r in rows.values():
@@ -94,13 +93,15 @@ def test_compare_writes_table2_with_paper_numbers_and_paired_test(table2_runs, c
         pooled[model] = classification_metrics(y, [[r[c] for c in PROB_COLUMNS] for r in t])["auc_macro_ovr"]
     assert rows[("kat", "a_to_b")]["n_slides"] == 16 and rows[("kat", "cv_a")]["n_slides"] == 16
     paired = {c["setting"]: c for c in result["paired"]}
-    assert set(paired) == {"cv_a", "cv_b", "a_to_b"}
+    assert set(paired) == {"cv_a", "a_to_b"}
     assert paired["a_to_b"]["bootstrap"]["diff"] == pytest.approx(pooled["kat"] - pooled["slidegraph"])
     for c in paired.values():
         assert c["same_folds"] and c["n_common_slides"] == 16
         b = c["bootstrap"]
         assert b["lo"] <= b["diff"] <= b["hi"] and 0 <= b["p_value"] <= 1
         assert len(c["fold_auc_diff"]["per_fold"]) == 2
+    # SlideGraph+ built each of the 32 slide graphs once (before the folds), into the cache beside the features
+    assert len(list((base / "store" / "graphs").glob("*.npz"))) == 32
     text = (out / "table2.md").read_text()
     assert "| KAT | CV on cohort A" in text and "0.795 ± 0.028" in text and "Paired comparison" in text
     assert (out / "roc_compare.png").stat().st_size > 10_000
@@ -123,9 +124,14 @@ def test_paired_bootstrap_detects_a_better_model_and_not_an_equal_one():
 def test_bad_specs_and_missing_test_sets_are_config_errors(table2_runs):
     with pytest.raises(ConfigError, match="SETTING=RUN"):
         parse_spec("runs/kat")
-    cvb = next(s.split("=", 1)[1] for s in table2_runs["specs"] if s.startswith("cv_b="))
+    cv_only = table2_runs["base"] / "cv_only"          # a run without a test set: metrics["test"] is null
+    cv_only.mkdir()
+    metrics = json.loads((table2_runs["base"] / "kat_a_to_b" / "metrics.json").read_text())
+    (cv_only / "metrics.json").write_text(json.dumps({**metrics, "test": None}))
     with pytest.raises(ConfigError, match="held-out test set"):
-        compare_runs([f"a_to_b={cvb}"], str(table2_runs["base"] / "x"))
+        compare_runs([f"a_to_b={cv_only}"], str(table2_runs["base"] / "x"))
+    with pytest.raises(ConfigError, match="two runs"):
+        compare_runs(table2_runs["specs"][:1] * 2, str(table2_runs["base"] / "y"))
 
 
 def test_paper_table2_job_plans_both_models_and_validates_options(table2_runs, tmp_path, capsys):
@@ -143,3 +149,15 @@ def test_paper_table2_job_plans_both_models_and_validates_options(table2_runs, t
     cfg.write_text(cfg.read_text().replace("seed: 3", "seed: 3, epochs: 2"))
     assert job_main(["--config", str(cfg), "--dry-run"]) == 2
     assert "train.epochs" in capsys.readouterr().err
+
+
+def test_shipped_paper_table2_config_validates(capsys):
+    from pathlib import Path
+
+    from jobs.paper_table2 import main as job_main
+
+    cfg = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "paper_table2.yaml"
+    assert job_main(["--config", str(cfg), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["train"] * 4 + ["compare"]
+    assert sum("--lr 0.001 --weight-decay 0.0001" in ln for ln in lines) == 2

@@ -7,10 +7,12 @@ and bookkeeping are what is under test); one goes through the real PLIP architec
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -191,17 +193,23 @@ def test_cli_end_to_end_local_store_and_resume(ray_session, tmp_path, cohort, ti
     os.remove(out / "features" / "cmu.parquet")
     stray = out / "features" / ".syn1.parquet.abc123.tmp"
     stray.write_bytes(b"partial")
+    os.utime(stray, (time.time() - 3600, time.time() - 3600))      # left by a run killed an hour ago
+    in_flight = out / "features" / ".syn2.parquet.def456.tmp"       # fresh: could be a live writer's: kept
+    in_flight.write_bytes(b"partial")
     assert _embed("--manifest", full, "--out", out, *enc, "--no-progress") == 1
     cat = pq.read_table(out / "slides.parquet").to_pandas().set_index("slide_id")
     assert (cat.status == "ok").sum() == 1 and cat.loc["cmu", "status"] == "ok"
     assert (cat.status == "skipped").sum() == 3 and (cat.status == "failed").sum() == 4
     assert cat.loc[list(expected), "n_tiles"].to_dict() == expected                  # skipped rows keep counts
-    assert not stray.exists() and not [n for n in os.listdir(out / "features") if not n.endswith(".parquet")]
+    assert not stray.exists() and in_flight.exists()
+    in_flight.unlink()
     assert pd.read_parquet(out / "features").groupby("slide_id").size().to_dict() == expected  # no duplicates
 
     # 3) other tiling settings make old files stale: recomputed, not reused (--overwrite: plan_resume unit test)
     assert _embed("--manifest", subset, "--out", out, *enc, "--min-tissue", "0.5", "--no-progress") == 0
-    assert list(pq.read_table(out / "slides.parquet").column("status").to_pylist()) == ["ok", "ok"]
+    cat = pq.read_table(out / "slides.parquet").to_pylist()
+    assert [(r["slide_id"], r["status"]) for r in cat[:2]] == [("syn1", "ok"), ("syn2", "ok")]
+    assert [r["slide_id"] for r in cat[2:]] == [r["slide_id"] for r in rows[2:]]      # other slides kept
     assert read_slide_features(feature_url(str(out), "syn1")).meta.extra["tiling"]["min_tissue"] == 0.5
 
 
@@ -219,10 +227,17 @@ def test_s3_slides_manifest_and_store(ray_session, s3_bucket, tmp_path, cohort, 
     storage.write_text_atomic(manifest, pd.DataFrame(rows).to_csv(index=False))
     out = f"{s3_bucket}/store"
     enc = ["--encoder", "open_clip", "--weights", tiny_encoder, "--no-progress"]
-    assert _embed("--manifest", manifest, "--out", out, *enc) == 1
+    assert _embed("--manifest", manifest, "--out", out, *enc, "--qc-dir", f"{s3_bucket}/qc") == 1
     cat = storage.read_parquet(f"{out}/slides.parquet").to_pandas().set_index("slide_id")
     assert cat.status.to_dict() == {"syn1": "ok", "corrupt": "failed", "gone": "failed"}
-    assert cat.loc["gone", "error"].startswith("SlideNotFoundError")
+    assert cat.loc["gone", "error"].startswith("SlideNotFoundError") and "(preflight)" in cat.loc["gone", "error"]
+    # QC: a picture of the embedded slide (written by its actor) and one contact sheet with all three slides
+    from PIL import Image
+
+    qc = np.asarray(Image.open(io.BytesIO(storage.read_bytes(f"{s3_bucket}/qc/syn1.png"))))
+    assert (np.all(qc == (255, 215, 0), axis=-1)).sum() > 50                     # kept tile squares
+    sheet = Image.open(io.BytesIO(storage.read_bytes(f"{s3_bucket}/qc/contact_sheet_001.png")))
+    assert sheet.width > 3 * 256 and not storage.exists(f"{s3_bucket}/qc/contact_sheet_002.png")
     assert cat.loc["corrupt", "error"].startswith("SlideReadError")
     assert cat.loc["syn1", "n_tiles"] == _tile_count(cohort["syn1"])
     df = pd.read_parquet(f"{out}/features")

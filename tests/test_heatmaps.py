@@ -59,16 +59,21 @@ def test_prediction_title():
 def test_png_panels_keep_aspect_and_hot_region_is_the_planted_quadrant(cmu_small_region):
     from matplotlib import colormaps
 
+    from her2ray.heatmaps.render import scale_bar_um
     from her2ray.slides import open_slide
+    from her2ray.tiling.mask import tissue_mask
 
     with open_slide(str(cmu_small_region)) as reader:
         thumb = reader.thumbnail(400)
-        dims = reader.dimensions
+        dims, mpp = reader.dimensions, reader.mpp
     assert dims == CMU_DIMS
     th, tw = thumb.shape[:2]
+    tissue = tissue_mask(thumb, fill_holes=False)
+    assert 0.2 < tissue.mean() < 0.8
     x, y = full_grid()
     scores, hot_tiles = planted_scores(x, y)
-    png, layout = render_heatmap(thumb, dims, x, y, scores, TILE, title="CMU: predicted HER2 3+", alpha=0.6)
+    png, layout = render_heatmap(thumb, dims, x, y, scores, TILE, title="CMU: predicted HER2 3+", alpha=0.6,
+                                 slide_mpp=mpp, tissue=tissue)
     img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.float64)
     assert img.shape[:2] == (layout.height, layout.width)
     # side by side: two thumbnail-sized panels + colour bar margins
@@ -76,19 +81,53 @@ def test_png_panels_keep_aspect_and_hot_region_is_the_planted_quadrant(cmu_small
     assert 2 * tw < layout.width < 2 * tw + 160
     assert abs(tw / th - dims[0] / dims[1]) < 0.01
     left, top, w, h = layout.thumbnail_box
-    np.testing.assert_allclose(img[top:top + h, left:left + w], thumb, atol=2)     # thumbnail drawn 1:1
+    thumb_panel = img[top:top + h, left:left + w]
+    bar_um, bar_px = scale_bar_um(mpp * dims[0] / tw, tw)
+    assert bar_um == 200 and abs(bar_px - 200 / (mpp * dims[0] / tw)) <= 1
+    # the scale bar: one black run of bar_px pixels near the bottom-left, the rest of the thumbnail 1:1
+    dark_rows = [r for r in range(int(0.85 * h), h) if (thumb_panel[r, : w // 2].max(axis=-1) < 40).sum() >= bar_px - 2]
+    assert dark_rows and all((thumb_panel[r, : w // 2].max(axis=-1) < 40).sum() <= bar_px + 2 for r in dark_rows)
+    np.testing.assert_allclose(thumb_panel[: int(0.8 * h)], thumb[: int(0.8 * h)], atol=2)
     left, top, w, h = layout.heatmap_box
     panel = img[top:top + h, left:left + w]
-    hot_rgb = np.array(colormaps["magma"](1.0)[:3]) * 255
+    hot_rgb = np.array(colormaps["viridis"](1.0)[:3]) * 255
     expected_hot = 0.6 * hot_rgb + 0.4 * thumb
     hot = np.abs(panel - expected_hot).max(axis=-1) < 12
     yy, xx = np.mgrid[0:h, 0:w]
     quadrant = (xx < w / 2) & (yy < h / 2)
-    assert hot.sum() > 0.15 * w * h
+    assert hot.sum() > 0.015 * w * h          # the quadrant holds little tissue on this slide
     assert hot[quadrant].sum() / hot.sum() > 0.98
-    # the planted tiles' area (in thumbnail px) is hot almost everywhere
+    # the planted tiles' area (in thumbnail px) is hot almost everywhere on tissue ...
     planted = score_grid(x[hot_tiles], y[hot_tiles], np.ones(hot_tiles.sum()), TILE, dims, (h, w)) == 1
-    assert hot[planted].mean() > 0.95
+    assert hot[planted & tissue].mean() > 0.95
+    # ... and absent off tissue and nearly transparent where attention is low (the slide shows through)
+    body = (yy < 0.8 * h)
+    np.testing.assert_allclose(panel[~tissue & body], thumb[~tissue & body], atol=3)
+    low = ~quadrant & tissue & body & (score_grid(x, y, scores, TILE, dims, (h, w)) < 0.2)
+    assert np.abs(panel[low] - thumb[low]).max(axis=-1).mean() < 25
+
+
+def test_random_weights_stamp_truth_and_cohort_scale(cmu_small_region):
+    from her2ray.heatmaps.render import RANDOM_WEIGHTS_STAMP, relative_attention
+
+    thumb = np.full((200, 150, 3), 235, np.uint8)
+    x, y = full_grid()
+    scores, _ = planted_scores(x, y)
+    plain, lay_plain = render_heatmap(thumb, CMU_DIMS, x, y, scores, TILE, title="t")
+    stamped, lay_stamped = render_heatmap(thumb, CMU_DIMS, x, y, scores, TILE, title="t", random_weights=True)
+    assert lay_stamped.height > lay_plain.height          # a banner line above the title
+    img = np.asarray(Image.open(io.BytesIO(stamped)).convert("RGB")).astype(int)
+    banner = img[: lay_stamped.thumbnail_box[1]]
+    red = (banner[..., 0] > 170) & (banner[..., 1] < 80) & (banner[..., 2] < 80)
+    assert red.sum() > 500 and "RANDOM WEIGHTS" in RANDOM_WEIGHTS_STAMP
+    assert "true HER2 2+" in prediction_title("S", {"pred_score": "3+"}, truth="2+")
+    assert "true" not in prediction_title("S", {"pred_score": "3+"})
+    # cohort scale: attention relative to the slide mean, so a slide with twice the tiles is not paler
+    rel = relative_attention(np.array([0.1, 0.3, np.nan]))
+    np.testing.assert_allclose(rel[:2], [0.5, 1.5])
+    a, _ = render_heatmap(thumb, CMU_DIMS, x, y, relative_attention(scores), TILE, value_range=(0.0, 4.0))
+    b, _ = render_heatmap(thumb, CMU_DIMS, x, y, relative_attention(scores * 7), TILE, value_range=(0.0, 4.0))
+    assert a == b
 
 
 def test_geojson_is_qupath_detections_on_the_tiles():
@@ -145,16 +184,23 @@ def test_heatmap_cli_on_ray_local_and_s3_slides(ray_session, cmu_small_region, s
     s3_slide = f"{s3_bucket}/slides/CMU-1-Small-Region.svs"
     storage.write_bytes_atomic(s3_slide, cmu_small_region.read_bytes())
     manifest = tmp_path / "slides.csv"
-    manifest.write_text(f"slide_id,path\nCMU-local,{cmu_small_region}\nCMU-s3,{s3_slide}\n"
-                        f"no-attention,{cmu_small_region}\n")
+    manifest.write_text(f"slide_id,path,her2_score\nCMU-local,{cmu_small_region},2+\nCMU-s3,{s3_slide},\n"
+                        f"no-attention,{cmu_small_region},0\nCMU-gone,{tmp_path / 'gone.svs'},1+\n")
+    _write_attention(str(scores_dir / "attention" / "CMU-gone.parquet"), "CMU-gone", x, y, scores, TILE)
+    from her2ray.heatmaps.pipeline import plan_jobs
+
+    jobs, _ = plan_jobs(str(scores_dir / "attention"), [str(manifest)])
+    assert {j.slide_id: j.truth for j in jobs} == {"CMU-local": "2+", "CMU-s3": None, "CMU-gone": "1+"}
     out = f"{s3_bucket}/heatmaps"
     rc = _cli(["--scores", str(scores_dir), "--slides", str(manifest), "--out", out, "--max-px", "256",
-               "--slide-id", "CMU-local", "CMU-s3", "no-attention", "--no-progress"])
+               "--slide-id", "CMU-local", "CMU-s3", "no-attention", "CMU-gone", "--no-progress", "--scale",
+               "cohort"])
     assert rc == 1                                         # one slide could not be rendered
     status = {r["slide_id"]: r for r in pacsv.read_csv(io.BytesIO(storage.read_bytes(f"{out}/heatmaps.csv")),
                                                        read_options=pacsv.ReadOptions()).to_pylist()}
     assert status["CMU-local"]["status"] == "ok" and status["CMU-s3"]["status"] == "ok"
     assert "no attention file" in status["no-attention"]["reason"]
+    assert status["CMU-gone"]["reason"].startswith("preflight: ") and "file not found" in status["CMU-gone"]["reason"]
     for sid in ("CMU-local", "CMU-s3"):
         img = Image.open(io.BytesIO(storage.read_bytes(f"{out}/{sid}.png")))
         assert img.width > 2 * 190 and img.height > 256

@@ -153,3 +153,31 @@ def test_slidegraph_learns_the_planted_signal_and_scores_with_tile_maps(planted,
 def test_slidegraph_stays_at_chance_without_signal(planted, tmp_path):
     res = train_fold(_spec(str(planted / "null"), str(tmp_path / "f"), max_epochs=6, patience=3))
     assert res["test_metrics"]["auc_macro_ovr"] < 0.75
+
+
+def test_runs_made_before_the_slidegraph_settings_still_resume(tmp_path):
+    import json
+
+    from her2ray.errors import ConfigError
+    from her2ray.training.run import check_resume_config
+
+    old = TrainConfig().to_dict()
+    for key in [k for k in old if k.startswith(("sg_", "graph_"))]:
+        del old[key]                                   # a run.json written by an older her2ray
+    (tmp_path / "run.json").write_text(json.dumps({"config": old}))
+    check_resume_config(str(tmp_path), TrainConfig())
+    with pytest.raises(ConfigError, match="sg_dropout"):
+        check_resume_config(str(tmp_path), TrainConfig(sg_dropout=0.1))
+
+
+def test_graphs_are_prebuilt_once_for_all_folds(tmp_path):
+    from her2ray.training.graphs import prebuild_graphs
+
+    store = str(tmp_path / "s")
+    make_feature_store(store, n_slides=3, n_tiles=20, dim=8, seed=0)
+    urls = [feature_url(store, f"S{i:04d}") for i in range(3)]
+    assert prebuild_graphs(urls + urls[:1], {"lambda_f": 0.1}, local=True) == {"cached": 0, "built": 3}
+    assert prebuild_graphs(urls, {"lambda_f": 0.1}, local=True) == {"cached": 3, "built": 0}
+    ds = make_dataset("slidegraph", urls, [0, 1, 2], aug_rate=0.0, seed=0, graph={"lambda_f": 0.1})
+    _ = [ds[i] for i in range(3)]
+    assert ds.graphs_built == 0                       # the folds only read the cache

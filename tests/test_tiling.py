@@ -179,7 +179,10 @@ def test_cli_tile_writes_grid_and_mask(cmu_small_region, cmu_grid, tmp_path, cap
     grid_meta = json.loads(table.schema.metadata[b"her2ray_grid"])
     assert grid_meta["level"] == 0 and grid_meta["slide_mpp"] == pytest.approx(0.499)
     assert json.loads(table.schema.metadata[b"her2ray"])["tiling"]["tile_px"] == 256
-    assert np.asarray(Image.open(png)).shape == cmu_grid.mask.shape
+    qc = np.asarray(Image.open(png))                    # a QC picture: thumbnail + outline + tile grid
+    assert qc.ndim == 3 and qc.shape[2] == 3 and qc.shape[0] > qc.shape[1] > 200
+    assert (np.all(qc == (0, 200, 70), axis=-1)).sum() > 100          # tissue outline
+    assert (np.all(qc == (255, 215, 0), axis=-1)).sum() > 100         # kept tile squares
     printed = capsys.readouterr().out
     assert f"{len(cmu_grid)} of 88 tiles" in printed
 

@@ -8,14 +8,16 @@ the rest of the cohort is still embedded), 2 for bad input (manifest, config, en
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 from typing import Any
 
+from .. import console
 from ..config import yaml_section
 from ..errors import ConfigError
 
 #: YAML keys of the ``embed`` section that place work on the cluster (everything else is an EmbedConfig key)
-RAY_KEYS = ("address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "overwrite", "progress")
+RAY_KEYS = ("address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "overwrite", "progress",
+            "slide_timeout", "max_worker_crashes")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -51,11 +53,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-gpus-per-actor", type=float, default=None,
                    help="GPUs per actor; fractions share a GPU (default 1 when the cluster has GPUs, else 0)")
     p.add_argument("--num-cpus-per-actor", type=float, default=None, help="CPUs per CPU-only actor (default 4)")
+    p.add_argument("--slide-timeout", type=float, default=None,
+                   help="seconds without progress before a slide is failed and its worker recycled "
+                        "(default 600, plus 300 per GiB of slide file)")
+    p.add_argument("--max-worker-crashes", type=int, default=None,
+                   help="worker crashes on one slide after which it is failed (default 2; Ray retries it until then)")
     p.add_argument("--overwrite", action="store_true", help="recompute slides that already have feature files")
     p.add_argument("--config", default=None, help="YAML file; its `embed` section gives defaults, flags win")
+    p.add_argument("--qc-dir", default=None,
+                   help="write a tissue-detection QC picture per embedded slide (thumbnail + tissue outline + kept "
+                        "tiles) and contact sheets of 30 slides per PNG into this folder (local or s3://)")
     p.add_argument("--no-progress", action="store_true", help="no per-slide progress lines")
     p.set_defaults(func=run)
     return p
+
+
+def _absolute(url: str | None) -> str | None:
+    """Local folders are made absolute: Ray workers may run in another working directory."""
+    from .. import storage
+
+    return os.path.abspath(url) if url and storage.is_local(url) else url
 
 
 def build_config(args) -> tuple[Any, dict[str, Any]]:
@@ -73,12 +90,13 @@ def build_config(args) -> tuple[Any, dict[str, Any]]:
             tiling[key] = getattr(args, flag)
     flags = {"encoder": args.encoder, "weights": args.weights, "precision": args.precision,
              "device": args.device, "batch_size": args.batch_size, "read_workers": args.read_workers,
-             "stain_normalization": args.stain_normalization,
+             "stain_normalization": args.stain_normalization, "qc_dir": _absolute(args.qc_dir),
              "mpp_from_magnification": args.mpp_from_magnification, "slide_backend": args.slide_backend}
     data.update({k: v for k, v in flags.items() if v is not None})
     data["tiling"] = tiling
     cfg = EmbedConfig.from_mapping(data, source=source)
-    for key in ("address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor"):
+    for key in ("address", "num_actors", "num_gpus_per_actor", "num_cpus_per_actor", "slide_timeout",
+                "max_worker_crashes"):
         if getattr(args, key) is not None:
             ray_opts[key] = getattr(args, key)
     if args.overwrite:
@@ -88,6 +106,10 @@ def build_config(args) -> tuple[Any, dict[str, Any]]:
     for key in ("num_actors",):
         if ray_opts.get(key) is not None and int(ray_opts[key]) < 1:
             raise ConfigError(f"{source}: {key} must be >= 1, got {ray_opts[key]}")
+    if ray_opts.get("slide_timeout") is not None and float(ray_opts["slide_timeout"]) <= 0:
+        raise ConfigError(f"{source}: slide_timeout must be > 0 seconds, got {ray_opts['slide_timeout']}")
+    if ray_opts.get("max_worker_crashes") is not None and int(ray_opts["max_worker_crashes"]) < 1:
+        raise ConfigError(f"{source}: max_worker_crashes must be >= 1, got {ray_opts['max_worker_crashes']}")
     return cfg, ray_opts
 
 
@@ -101,6 +123,6 @@ def run(args) -> int:
     print(summary.table())
     if summary.n_failed:
         print(f"her2ray embed: {summary.n_failed} of {summary.n_slides} slide(s) failed "
-              f"(reasons in {summary.catalog_url})", file=sys.stderr)
+              f"(reasons in {summary.catalog_url})", file=console.stderr())
         return 1
     return 0

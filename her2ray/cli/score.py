@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from .. import console
 from ..config import yaml_section
 
 
@@ -26,6 +26,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs per actor (default 1)")
     p.add_argument("--gpus-per-actor", type=float, default=None, nargs="?", const=1.0,
                    help="GPUs per actor; fractions share a GPU (flag alone = 1)")
+    p.add_argument("--slide-timeout", type=float, default=None,
+                   help="seconds without progress on one slide before it is failed and its worker recycled "
+                        "(default 600, plus 300 per GiB of feature file)")
+    p.add_argument("--max-worker-crashes", type=int, default=None,
+                   help="worker crashes on one slide after which it is failed (default 2)")
     p.add_argument("--config", help="YAML file; its `score` section (or the whole file) gives defaults, flags win")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.set_defaults(func=run)
@@ -38,7 +43,8 @@ def _config(args):
     data = yaml_section(args.config, "score") if args.config else {}
     flags = {"features": args.features, "model": args.model, "out": args.out, "manifest": args.manifest,
              "address": args.address, "batch_slides": args.batch_slides, "actors": args.actors,
-             "cpus_per_actor": args.cpus_per_actor, "gpus_per_actor": args.gpus_per_actor}
+             "cpus_per_actor": args.cpus_per_actor, "gpus_per_actor": args.gpus_per_actor,
+             "slide_timeout": args.slide_timeout, "max_worker_crashes": args.max_worker_crashes}
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.attention:
         data["attention"] = True
@@ -52,8 +58,13 @@ def run(args) -> int:
 
     summary = score_cohort(_config(args))
     counts = ", ".join(f"{k}: {v}" for k, v in summary.class_counts.items())
-    print(f"scored {summary.n_scored}/{summary.n_requested} slides in {summary.seconds:.1f} s "
+    t = summary.timing
+    scoring = (f"scored {summary.n_scored}/{summary.n_requested} slides in {t['scoring_s']:.1f} s of scoring "
+               f"(start-up {summary.startup_s:.1f} s: Ray {t.get('ray_start_s', 0):.1f} s, actors + fold models "
+               f"{t.get('actor_startup_s', 0):.1f} s; wall {summary.seconds:.1f} s) " if "scoring_s" in t else
+               f"scored {summary.n_scored}/{summary.n_requested} slides in {summary.seconds:.1f} s ")
+    print(scoring +
           f"({summary.n_failed} not scored, see {summary.out}/failed.csv); predicted {counts}; "
           f"HER2-low {summary.n_her2_low}; model {summary.model.get('run_id')} "
-          f"sha256 {str(summary.model.get('sha256'))[:12]}", file=sys.stderr)
+          f"sha256 {str(summary.model.get('sha256'))[:12]}", file=console.stderr())
     return 0

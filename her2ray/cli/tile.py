@@ -7,7 +7,7 @@ import argparse
 import json
 
 from .. import __version__, storage
-from ..tiling import TilingConfig, plan_tiles, save_mask_png
+from ..tiling import TilingConfig, plan_tiles
 
 
 def add_parser(subparsers) -> None:
@@ -25,7 +25,8 @@ def add_parser(subparsers) -> None:
                    help="the slide's level-0 microns per pixel, when the file lacks or misstates it")
     p.add_argument("--mpp-from-magnification", action="store_true",
                    help="opt-in: a slide with no MPP but an objective power gets 10 um / power (40x -> 0.25)")
-    p.add_argument("--mask-png", default=None, help="also write the tissue mask as a PNG")
+    p.add_argument("--mask-png", default=None,
+                   help="also write a QC picture: thumbnail + tissue outline (green) + kept tile grid (yellow)")
     p.add_argument("--config", default=None, help="YAML file with a 'tiling' section (flags win)")
     p.add_argument("--backend", default="openslide", help="slide reader backend (default openslide)")
     p.set_defaults(func=run)
@@ -38,23 +39,38 @@ def _config(args: argparse.Namespace) -> TilingConfig:
     return TilingConfig.from_mapping(base, source="her2ray tile flags")
 
 
+def _slide_name(slide: str) -> str:
+    import posixpath
+
+    return posixpath.basename(str(slide).rstrip("/"))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..slides import open_slide
 
     cfg = _config(args)
+    if storage.is_local(args.slide):   # a FIFO or folder must fail here, not hang or crash in the reader
+        from ..errors import SlideNotFoundError, SlideReadError
+        from ..preflight import check_local
+
+        reason = check_local(storage.local_path(args.slide))
+        if reason is not None:
+            raise (SlideNotFoundError if "not found" in reason else SlideReadError)(args.slide, reason)
     with open_slide(args.slide, mpp_override=args.mpp_override, backend=args.backend,
                     mpp_from_magnification=args.mpp_from_magnification) as reader:
         grid = plan_tiles(reader, cfg)
         mpp_source = reader.mpp_source
         if reader.mpp_warning:
             print(f"warning: {args.slide}: {reader.mpp_warning}")
+        if args.mask_png:
+            from ..tiling.qc import slide_qc_png
+
+            storage.write_bytes_atomic(args.mask_png, slide_qc_png(reader, grid, _slide_name(args.slide)))
     table = grid.to_table()
     meta = dict(table.schema.metadata or {})
     meta[b"her2ray"] = json.dumps({"slide": str(args.slide), "her2ray_version": __version__,
                                    "tiling": cfg.to_dict(), "mpp_source": mpp_source}).encode()
     storage.write_parquet_atomic(table.replace_schema_metadata(meta), args.out)
-    if args.mask_png:
-        save_mask_png(grid.mask, args.mask_png)
     w, h = grid.slide_dimensions
     print(f"{args.slide}: {len(grid)} of {grid.n_grid_cells} tiles kept "
           f"({grid.tile_px} px at {grid.target_mpp:g} um/px, tissue >= {cfg.min_tissue:g}); "

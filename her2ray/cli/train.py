@@ -133,6 +133,11 @@ def run(args: argparse.Namespace) -> int:
           + (f"; test (ensemble) {_fmt(summary['test_auc'])}" if summary["test_auc"] is not None else ""))
     if summary["excluded"]:
         print(f"excluded {len(summary['excluded'])} slide(s): see {args.out}/excluded_slides.parquet")
+    t = summary.get("timing") or {}
+    if "training_s" in t:
+        print(f"time: start-up {t['ray_start_s'] + t['fold_startup_s']:.1f} s (Ray start {t['ray_start_s']:.1f} s, "
+              f"fold workers {t['fold_startup_s']:.1f} s); training {t['training_s']:.1f} s; inputs "
+              f"{t['prepare_s']:.1f} s, reports {t['outputs_s']:.1f} s; wall {summary['seconds']:.1f} s")
     print(f"wrote {args.out}")
     return 0
 

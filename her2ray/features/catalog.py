@@ -149,17 +149,44 @@ def _carried_array(values: list) -> pa.Array:
 
 
 def write_catalog(store: str, table: pa.Table, storage_options: Mapping[str, Any] | None = None) -> str:
+    """Commit ``table`` as the store's catalog, keeping the rows of slides from earlier runs on this store that
+    this run's manifest does not list (two runs with disjoint manifests leave both halves in the catalog).
+    Callers hold the store lease, so this read-modify-write cannot race another embed run."""
     url = storage.join(store, CATALOG_FILE)
-    storage.write_parquet_atomic(table, url, storage_options)
+    storage.write_parquet_atomic(keep_other_slides(table, read_catalog(store, storage_options)), url,
+                                 storage_options)
     return url
 
 
-def remove_stray_temp_files(store: str) -> int:
+def keep_other_slides(table: pa.Table, previous: pa.Table | None) -> pa.Table:
+    """``table`` + the rows of ``previous`` whose slide ids ``table`` does not have (after them)."""
+    if previous is None or previous.num_rows == 0 or "slide_id" not in previous.column_names:
+        return table
+    import pyarrow.compute as pc
+
+    mine = pa.array(table.column("slide_id").to_pylist(), pa.string())
+    others = previous.filter(pc.invert(pc.is_in(previous.column("slide_id").cast(pa.string()), value_set=mine)))
+    if others.num_rows == 0:
+        return table
+    try:
+        return pa.concat_tables([table, others], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError):        # carried columns of other types: keep them as text
+        def as_text(t: pa.Table) -> pa.Table:
+            return pa.table({n: (t.column(n) if n in STATUS_COLUMNS else t.column(n).cast(pa.string()))
+                             for n in t.column_names})
+        return pa.concat_tables([as_text(table), as_text(others)], promote_options="permissive")
+
+
+def remove_stray_temp_files(store: str, min_age_s: float = 0.0) -> int:
     """Delete temp files a killed local run left in ``features/`` (``.<name>.parquet.*.tmp``).
 
     They are invisible to readers already (hidden names, no .parquet suffix); this only reclaims space.
-    Object stores never have them (a PUT is atomic). Do not run two embed runs on one store at once.
+    Object stores never have them (a PUT is atomic). Called under the store lease, and only for files not
+    modified for ``min_age_s`` (the lease ttl), so another live run's in-flight temp file is never touched.
     """
+    import time
+
+    cutoff = time.time() - float(min_age_s)
     if not storage.is_local(store):
         return 0
     folder = os.path.join(storage.local_path(store), FEATURES_DIR)
@@ -169,8 +196,10 @@ def remove_stray_temp_files(store: str) -> int:
     for name in os.listdir(folder):
         if name.startswith(".") and name.endswith(".tmp") and ".parquet." in name:
             try:
-                os.unlink(os.path.join(folder, name))
-                removed += 1
+                path = os.path.join(folder, name)
+                if os.stat(path).st_mtime <= cutoff:
+                    os.unlink(path)
+                    removed += 1
             except FileNotFoundError:
                 pass
     if removed:

@@ -20,6 +20,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from .. import storage
+from ..watchdog import beat
 from ..config import StageConfig
 from ..errors import SlideError
 from ..tiling import TilingConfig
@@ -53,6 +54,8 @@ class EmbedConfig(StageConfig):
     #: fsspec options for the store and remote slides (endpoint, region...). Excluded from run.json and
     #: reprs; prefer credentials from the environment / instance role over putting them here.
     storage_options: dict[str, Any] | None = Field(None, exclude=True, repr=False)
+    #: folder for tissue-detection QC pictures (<qc_dir>/<slide_id>.png + contact sheets); None = none
+    qc_dir: str | None = None
 
     @field_validator("stain_normalization")
     @classmethod
@@ -130,6 +133,16 @@ def _mpp_override(row: Mapping[str, Any]) -> float | None:
     return value if value > 0 and np.isfinite(value) else None
 
 
+def _write_qc(reader, grid, cfg: EmbedConfig, sid: str) -> None:
+    """The slide's QC picture (her2ray.tiling.qc); a failure to draw it never fails the slide."""
+    from ..tiling.qc import write_slide_qc
+
+    try:
+        write_slide_qc(reader, grid, cfg.qc_dir, sid, cfg.storage_options)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("QC picture of %s not written: %s", sid, exc)
+
+
 def _mpp_provenance(reader, slide_id: str) -> dict[str, Any]:
     """Where the slide's MPP came from, the file's own MPP, and a warning when the manifest disagrees."""
     info: dict[str, Any] = {"mpp_source": reader.mpp_source, "mpp_file": reader.native_mpp}
@@ -156,11 +169,15 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
         normalizer = cfg.stain_normalizer()
         if cache is None and cfg.storage_options:
             cache = SlideCache(storage_options=cfg.storage_options)
+        beat("opening slide")
         with open_slide(row["path"], mpp_override=_mpp_override(row), backend=cfg.slide_backend,
                         cache=cache, mpp_from_magnification=cfg.mpp_from_magnification) as reader:
-            grid = plan_tiles(reader, cfg.tiling, keep_mask=False)
+            beat("planning tissue tiles")
+            grid = plan_tiles(reader, cfg.tiling, keep_mask=cfg.qc_dir is not None)
             mpp_info = _mpp_provenance(reader, sid)
             mpp, level = grid.slide_mpp, grid.level
+            if cfg.qc_dir:
+                _write_qc(reader, grid, cfg, sid)
             feats = np.empty((len(grid), encoder.dim), dtype=np.float16)
             wait = encode = 0.0
             batches = iter_tile_batches(reader, grid, batch_size=encoder.batch_size,
@@ -173,6 +190,7 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
                 if item is None:
                     break
                 idx, tiles = item
+                beat("reading and encoding tiles")
                 if normalizer is not None:
                     tiles = normalizer(tiles)
                 feats[idx] = encoder.embed_tiles(tiles)
@@ -187,6 +205,7 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
                    "precision": encoder.precision, "device": str(encoder.device),
                    "torch_threads": _torch_threads(encoder.device),
                    "random_weights": bool(encoder.random_weights)})
+        beat("writing the feature file")
         table = build_feature_table(sid, grid.x, grid.y, grid.tissue_fraction, feats, meta)
         storage.write_parquet_atomic(table, feature_url(out_store, sid), cfg.storage_options)
         return status_row(row, STATUS_OK, n_tiles=len(grid), mpp=mpp, level=level,

@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from .. import storage
+from .. import resources, storage, watchdog
+from ..heartbeat import RunHeartbeat
+from ..preflight import preflight_rows
 from ..ray_runtime import ensure_ray
-from ..errors import ConfigError
 from ..provenance import run_record
 from . import catalog
+from .lease import StoreLease
 from .embed import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, EmbedConfig, embed_slide, load_engine_encoder,
                     resume_key, status_row)
 from .schema import FEATURES_DIR, RUN_FILE
@@ -40,7 +43,9 @@ class SlideEmbedActor:
     """Ray Data callable class: one encoder per actor, one slide per call (``batch_size=1``)."""
 
     def __init__(self, cfg: dict[str, Any], out_store: str, storage_options: dict[str, Any] | None = None,
-                 torch_threads: int | None = None):
+                 torch_threads: int | None = None, guard: dict[str, Any] | None = None, ledger=None,
+                 plugins: str | None = None):
+        watchdog.load_plugins(plugins)
         if torch_threads:
             import torch
 
@@ -48,10 +53,12 @@ class SlideEmbedActor:
         self.cfg = EmbedConfig.from_mapping({**cfg, "storage_options": storage_options})
         self.out_store = out_store
         self.encoder = load_engine_encoder(self.cfg)
+        self.guard = watchdog.Guard(ledger, watchdog.GuardConfig(**(guard or {})), storage_options)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = _batch_rows(batch)
-        return status_table([embed_slide(r, self.encoder, self.cfg, self.out_store) for r in rows])
+        return status_table([self.guard.run(
+            r["slide_id"], r["path"], lambda r=r: embed_slide(r, self.encoder, self.cfg, self.out_store),
+            lambda reason, r=r: status_row(r, STATUS_FAILED, error=reason)) for r in _batch_rows(batch)])
 
 
 def _batch_rows(batch: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
@@ -86,6 +93,9 @@ class EmbedSummary:
     actors: dict[str, Any] = field(default_factory=dict)
     catalog_url: str = ""
     run_url: str = ""
+    #: where the wall time went: preflight_s, encoder_load_s (driver), ray_start_s, actor_startup_s (actors
+    #: started + encoder loaded until the first slide began), embed_s (first slide began -> last slide done)
+    timing: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_failed(self) -> int:
@@ -93,12 +103,20 @@ class EmbedSummary:
 
     @property
     def tiles_per_s(self) -> float:
-        return self.n_tiles_embedded / self.seconds if self.seconds > 0 else 0.0
+        """Embedding throughput: tiles over the time slides were being embedded (start-up excluded)."""
+        span = self.timing.get("embed_s") or self.seconds
+        return self.n_tiles_embedded / span if span > 0 else 0.0
+
+    @property
+    def startup_s(self) -> float:
+        return sum(self.timing.get(k, 0.0) for k in ("preflight_s", "encoder_load_s", "ray_start_s",
+                                                        "actor_startup_s"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "n_slides": self.n_slides, "counts": self.counts,
                 "n_tiles_embedded": self.n_tiles_embedded, "seconds": round(self.seconds, 3),
-                "tiles_per_s": round(self.tiles_per_s, 2), "failed": self.failed, "actors": self.actors}
+                "tiles_per_s": round(self.tiles_per_s, 2), "failed": self.failed, "actors": self.actors,
+                "timing": {k: round(v, 3) for k, v in self.timing.items()}}
 
     def table(self) -> str:
         """Human summary printed at the end of a run."""
@@ -106,7 +124,13 @@ class EmbedSummary:
                  f"  ok       {self.counts.get(STATUS_OK, 0):6d}",
                  f"  skipped  {self.counts.get(STATUS_SKIPPED, 0):6d}   (already embedded with the same settings)",
                  f"  failed   {self.counts.get(STATUS_FAILED, 0):6d}",
-                 f"  tiles embedded {self.n_tiles_embedded} in {self.seconds:.1f} s ({self.tiles_per_s:.1f} tiles/s)",
+                 f"  tiles embedded {self.n_tiles_embedded} in {self.timing.get('embed_s', self.seconds):.1f} s of "
+                 f"embedding ({self.tiles_per_s:.1f} tiles/s)",
+                 f"  start-up {self.startup_s:.1f} s (" + ", ".join(
+                     f"{label} {self.timing[k]:.1f} s" for k, label in (
+                         ("preflight_s", "preflight"), ("encoder_load_s", "encoder check"),
+                         ("ray_start_s", "Ray start"), ("actor_startup_s", "actors + model load"))
+                     if k in self.timing) + f"); wall {self.seconds:.1f} s",
                  f"  encoder {self.encoder.get('name')} [{self.encoder.get('architecture')}] weights "
                  f"{str(self.encoder.get('weights_sha256'))[:12]}"
                  + ("  ** RANDOM WEIGHTS **" if self.encoder.get("random_weights") else "")]
@@ -150,34 +174,38 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def plan_actors(resources: Mapping[str, float], n_todo: int, *, num_actors: int | None = None,
-                num_gpus_per_actor: float | None = None, num_cpus_per_actor: float | None = None
-                ) -> dict[str, Any]:
-    """Actor count and per-actor resources: one actor per GPU (or per fraction) when the cluster has GPUs,
-    else CPU actors of ``num_cpus_per_actor`` (default min(4, cluster CPUs)) each."""
-    gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 1.0))
-    if num_gpus_per_actor is None:
-        num_gpus_per_actor = 1.0 if gpus >= 1 else 0.0
-    if num_gpus_per_actor < 0:
-        raise ConfigError(f"--num-gpus-per-actor must be >= 0, got {num_gpus_per_actor}")
-    if num_gpus_per_actor > 0:
-        if gpus == 0:
-            log.warning("GPU actors requested but the cluster shows no GPUs yet (autoscaling?); actors wait for one")
-        n = num_actors or max(1, int(math.floor(gpus / num_gpus_per_actor + 1e-9)))
-        plan = {"num_gpus": float(num_gpus_per_actor), "device": None, "torch_threads": None}
-    else:
-        c = float(num_cpus_per_actor or max(1.0, min(4.0, cpus)))
-        n = num_actors or max(1, int(cpus // c))
-        plan = {"num_cpus": c, "device": "cpu", "torch_threads": max(1, int(c))}
-    plan["num_actors"] = max(1, min(int(n), max(1, n_todo)))
-    return plan
+def plan_actors(node: Mapping[str, float] | Sequence[resources.NodeShape], n_todo: int, *,
+                num_actors: int | None = None, num_gpus_per_actor: float | None = None,
+                num_cpus_per_actor: float | None = None) -> dict[str, Any]:
+    """Actor count and per-actor resources (``resources.plan_for_nodes``): one actor per GPU (or per fraction)
+    on GPU nodes, else CPU actors of ``num_cpus_per_actor`` (default min(4, CPUs of the largest node)).
+    ``node``: node shapes, or one resource mapping taken as a single node."""
+    shapes = node if not isinstance(node, Mapping) else [resources.NodeShape(
+        "node", float(node.get("CPU", 1.0)), float(node.get("GPU", 0.0)))]
+    return resources.plan_for_nodes(shapes, n_todo, num_actors=num_actors, num_gpus_per_actor=num_gpus_per_actor,
+                                    num_cpus_per_actor=num_cpus_per_actor)
 
 
-def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, *, address: str | None = None,
-                 num_actors: int | None = None, num_gpus_per_actor: float | None = None,
-                 num_cpus_per_actor: float | None = None, overwrite: bool = False, progress: bool = True,
-                 manifest: str | None = None) -> EmbedSummary:
+def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, *,
+                 lease_ttl_s: float | None = None, **options: Any) -> EmbedSummary:
     """Embed every manifest row not already done into the store ``out`` (local folder or s3:// prefix).
+
+    Holds the store's lease (``features/lease.py``: a second live run on the same store is refused with
+    ``StoreBusyError``) for the whole run; see ``_embed_locked`` for the rest.
+    """
+    storage.makedirs(storage.join(out, FEATURES_DIR))
+    kwargs = {} if lease_ttl_s is None else {"ttl_s": float(lease_ttl_s)}
+    with StoreLease(out, command="embed", storage_options=cfg.storage_options, **kwargs) as lease:
+        catalog.remove_stray_temp_files(out, min_age_s=lease.ttl_s)
+        return _embed_locked(rows, out, cfg, lease=lease, **options)
+
+
+def _embed_locked(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, *, lease: StoreLease,
+                  address: str | None = None, num_actors: int | None = None,
+                  num_gpus_per_actor: float | None = None, num_cpus_per_actor: float | None = None,
+                  overwrite: bool = False, progress: bool = True, manifest: str | None = None,
+                  slide_timeout: float | None = None, max_worker_crashes: int | None = None) -> EmbedSummary:
+    """The run itself, under the store lease.
 
     Writes ``features/<slide_id>.parquet`` (by the actors), then ``slides.parquet`` and ``run.json``.
     Returns an ``EmbedSummary``; per-slide failures are in it (and in the catalog), never raised.
@@ -185,18 +213,26 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
     t0 = time.perf_counter()
     so = cfg.storage_options
     rows = [dict(r) for r in rows]
-    storage.makedirs(storage.join(out, FEATURES_DIR))
-    catalog.remove_stray_temp_files(out)
+    # Preflight before the encoder and Ray: missing/unreadable slides fail now, with the reason, not in a worker.
+    checked = preflight_rows(rows, so)
+    timing = {"preflight_s": checked.seconds}
+    preflight_failed = [status_row(r, STATUS_FAILED, error=r["reason"]) for r in checked.failed]
+    for f in checked.failed[:20]:
+        log.warning("slide %s failed: %s", f["slide_id"], f["reason"])
+    if not checked.ok:
+        return _all_failed(rows, out, cfg, preflight_failed, manifest, timing, t0)
 
     # The encoder's identity (weights SHA-256) is part of the resume key; loading it here also fails fast on
     # bad --encoder/--weights before any worker starts.
+    t_enc = time.perf_counter()
     identity = load_engine_encoder(cfg.model_copy(update={"device": "cpu", "precision": "fp32"})).identity
+    timing["encoder_load_s"] = time.perf_counter() - t_enc
     identity = {k: v for k, v in identity.items() if k not in ("device", "precision")}   # the driver's, not actors'
     settings = {k: identity[k] for k in ("name", "architecture", "weights_sha256", "dim", "random_weights",
                                          "preprocess") if k in identity}
     normalizer = cfg.stain_normalizer()
     key = resume_key(settings, cfg.tiling, None if normalizer is None else normalizer.name)
-    plan = catalog.plan_resume(rows, out, key, overwrite=overwrite, storage_options=so)
+    plan = catalog.plan_resume(checked.ok, out, key, overwrite=overwrite, storage_options=so)
     if plan.stale:
         log.info("%d slide(s) have feature files made with other settings: recomputing them (e.g. %s)",
                  len(plan.stale), plan.stale[0])
@@ -205,26 +241,26 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
     record = run_record("embed", cfg.to_dict(), encoder=identity, resume_key=key, manifest=manifest,
                         status="running", n_slides=len(rows))
     run_url = storage.join(out, RUN_FILE)
-    _write_run(run_url, record, so)
+    heart = RunHeartbeat(run_url, {**record, "lease_owner": lease.run_id}, so)
 
     results: dict[str, dict[str, Any]] = {}
     actors: dict[str, Any] = {}
-    if plan.todo:
-        import ray
-
-        ensure_ray(address, log_to_driver=False)
-        log.info("Ray: %s", ray.cluster_resources())
-        actors = plan_actors(ray.cluster_resources(), len(plan.todo), num_actors=num_actors,
-                             num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor)
-        results = _run_actors(ray, plan.todo, out, cfg, actors, progress)
-
-    statuses = list(plan.skipped)
+    with heart:
+        if plan.todo:
+            results, actors = _embed_todo(plan.todo, out, cfg, timing, address=address, num_actors=num_actors,
+                                          num_gpus_per_actor=num_gpus_per_actor,
+                                          num_cpus_per_actor=num_cpus_per_actor, progress=progress,
+                                          slide_timeout=slide_timeout, max_worker_crashes=max_worker_crashes)
+    statuses = preflight_failed + list(plan.skipped)
     for r in plan.todo:
         statuses.append(results.get(r["slide_id"]) or status_row(
             r, STATUS_FAILED, error="no result from the worker (process crashed or the block errored; "
                                     "see the Ray worker logs)"))
     table = catalog.build_catalog(rows, statuses)
+    lease.check()                     # never commit the catalog after another run took the store over
     catalog_url = catalog.write_catalog(out, table, so)
+    if cfg.qc_dir:
+        _contact_sheets(cfg, table)
     counts = {s: 0 for s in (STATUS_OK, STATUS_SKIPPED, STATUS_FAILED)}
     for s in statuses:
         counts[s["status"]] = counts.get(s["status"], 0) + 1
@@ -235,8 +271,57 @@ def embed_slides(rows: Sequence[Mapping[str, Any]], out: str, cfg: EmbedConfig, 
         failed=[{"slide_id": s["slide_id"], "error": str(s["error"])} for s in statuses
                 if s["status"] == STATUS_FAILED],
         encoder=identity, actors={k: v for k, v in actors.items() if v is not None},
-        catalog_url=catalog_url, run_url=run_url)
-    _write_run(run_url, {**record, "status": "finished", "summary": summary.to_dict()}, so)
+        catalog_url=catalog_url, run_url=run_url, timing=timing)
+    _write_run(run_url, heart.final(status="finished", summary=summary.to_dict()), so)
+    return summary
+
+
+def _embed_todo(todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, timing: dict[str, float], *,
+                address: str | None, num_actors: int | None, num_gpus_per_actor: float | None,
+                num_cpus_per_actor: float | None, progress: bool, slide_timeout: float | None,
+                max_worker_crashes: int | None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Ray part of a run: size actors per node (fail fast when none fits), run them under the watchdog."""
+    import ray
+
+    t_ray = time.perf_counter()
+    ensure_ray(address, log_to_driver=False)
+    timing["ray_start_s"] = time.perf_counter() - t_ray
+    shapes = resources.cluster_shapes()
+    log.info("Ray nodes: %s", "; ".join(s.describe() for s in shapes))
+    actors = plan_actors(shapes, len(todo), num_actors=num_actors,
+                         num_gpus_per_actor=num_gpus_per_actor, num_cpus_per_actor=num_cpus_per_actor)
+    resources.check_fits(resources.actor_request(actors), shapes, what="an embed actor",
+                         hint="Lower --num-cpus-per-actor / --num-gpus-per-actor, or add a bigger node.")
+    guard = watchdog.GuardConfig(
+        timeout_s=watchdog.DEFAULT_SLIDE_TIMEOUT_S if slide_timeout is None else float(slide_timeout),
+        max_crashes=watchdog.DEFAULT_MAX_CRASHES if max_worker_crashes is None else int(max_worker_crashes))
+    return _run_actors(ray, todo, out, cfg, actors, progress, guard, timing), actors
+
+
+def _contact_sheets(cfg: EmbedConfig, catalog_table: pa.Table) -> None:
+    from ..tiling.qc import write_contact_sheets
+
+    sheets = write_contact_sheets(cfg.qc_dir, catalog_table.select(["slide_id", "status", "error", "n_tiles"]).to_pylist(),
+                                  storage_options=cfg.storage_options)
+    log.info("QC pictures: %d contact sheet(s) in %s", len(sheets), cfg.qc_dir)
+
+
+def _all_failed(rows, out: str, cfg: EmbedConfig, statuses: list[dict[str, Any]], manifest: str | None,
+                timing: dict[str, float], t0: float) -> EmbedSummary:
+    """Every row failed preflight: write the catalog and run.json and stop, without loading an encoder or Ray."""
+    so = cfg.storage_options
+    table = catalog.build_catalog(rows, statuses)
+    catalog_url = catalog.write_catalog(out, table, so)
+    if cfg.qc_dir:
+        _contact_sheets(cfg, table)
+    run_url = storage.join(out, RUN_FILE)
+    summary = EmbedSummary(
+        out=out, n_slides=len(rows), counts={STATUS_OK: 0, STATUS_SKIPPED: 0, STATUS_FAILED: len(statuses)},
+        n_tiles_embedded=0, seconds=time.perf_counter() - t0,
+        failed=[{"slide_id": s["slide_id"], "error": str(s["error"])} for s in statuses],
+        catalog_url=catalog_url, run_url=run_url, timing=timing)
+    _write_run(run_url, {**run_record("embed", cfg.to_dict(), manifest=manifest, n_slides=len(rows)),
+                         "status": "finished", "summary": summary.to_dict()}, so)
     return summary
 
 
@@ -247,7 +332,8 @@ def _write_run(url: str, record: dict[str, Any], storage_options: Mapping[str, A
 
 
 def _run_actors(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, actors: dict[str, Any],
-                progress: bool) -> dict[str, dict[str, Any]]:
+                progress: bool, guard: watchdog.GuardConfig | None = None,
+                timing: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
     """Map the engine over ``todo`` on an actor pool; returns status rows by slide id as they stream in."""
     items = [{"slide_id": r["slide_id"], "path": str(r["path"]),
               "mpp": None if r.get("mpp") in (None, "") else float(r["mpp"])} for r in todo]
@@ -262,21 +348,40 @@ def _run_actors(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, act
     ctx.max_errored_blocks = len(items)
     if progress:
         ctx.enable_progress_bars = False      # our per-slide lines replace Ray's operator bars
+    guard = guard or watchdog.GuardConfig()
+    ledger = watchdog.make_ledger()           # attempts/timeouts per slide, shared by the actors
     try:
         ds = ray.data.from_items(items, override_num_blocks=len(items))
-        statuses = ds.map_batches(
-            SlideEmbedActor,
-            fn_constructor_kwargs={"cfg": actor_cfg, "out_store": out, "storage_options": cfg.storage_options,
-                                   "torch_threads": actors.get("torch_threads")},
-            batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors["num_actors"]),
-            **remote)
+        with warnings.catch_warnings():       # retry bounds exist only as (deprecated) raw remote args in 2.60
+            warnings.simplefilter("ignore")
+            statuses = ds.map_batches(
+                SlideEmbedActor,
+                fn_constructor_kwargs={"cfg": actor_cfg, "out_store": out, "storage_options": cfg.storage_options,
+                                       "torch_threads": actors.get("torch_threads"), "guard": guard.to_dict(),
+                                       "ledger": ledger, "plugins": os.environ.get(watchdog.PLUGIN_ENV)},
+                batch_size=1, batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=actors["num_actors"]),
+                **remote, **watchdog.ray_task_options(guard))
         meter = _Progress(len(items), enabled=progress)
         results: dict[str, dict[str, Any]] = {}
+        t_start = time.perf_counter()
+        work_started = None
         for row in statuses.iter_rows():
             row = dict(row)
+            if work_started is None:   # the first slide began this long before its result arrived
+                work_started = meter.t0 = time.perf_counter() - float(row.get("seconds") or 0.0)
             results[str(row["slide_id"])] = row
             meter.update(row)
+        missing = [r for r in todo if r["slide_id"] not in results]
+        if missing:                           # blocks dropped after the retry bound: say why, per slide
+            report = watchdog.ledger_report(ledger)
+            for r in missing:
+                results[r["slide_id"]] = status_row(
+                    r, STATUS_FAILED, error=watchdog.missing_reason(r["slide_id"], report, guard))
+                meter.update(results[r["slide_id"]])
+        if timing is not None and work_started is not None:
+            timing["actor_startup_s"] = max(0.0, work_started - t_start)
+            timing["embed_s"] = time.perf_counter() - work_started
         return results
     finally:
         ctx.max_errored_blocks, ctx.enable_progress_bars = saved

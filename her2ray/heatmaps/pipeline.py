@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from pydantic import Field
 
-from .. import storage
+from .. import console, resources, storage, watchdog
 from ..ray_runtime import ensure_ray
 from ..config import StageConfig
 from ..errors import ConfigError, FeatureStoreError
@@ -35,7 +35,7 @@ from ..features.schema import feature_url
 from ..labels import PROB_COLUMNS
 from ..scoring.engine import ATTENTION_META_KEY
 from .geojson import tiles_feature_collection, write_geojson
-from .render import PERCEPTUAL_CMAPS, prediction_title, render_heatmap
+from .render import PERCEPTUAL_CMAPS, prediction_title, relative_attention, render_heatmap
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +48,24 @@ class HeatmapConfig(StageConfig):
 
     out: str
     max_px: int = Field(1024, ge=32, le=8192, description="longer side of the thumbnail panels")
-    cmap: str = "magma"
+    cmap: str = "viridis"
     alpha: float = Field(0.6, gt=0, le=1)
     normalize: str = Field("minmax", pattern="^(minmax|rank|none)$")
+    #: colour scale: per slide (``normalize``) or one range for the cohort (attention / slide mean)
+    scale: str = Field("slide", pattern="^(slide|cohort)$")
+    #: (lo, hi) of the cohort scale; filled in by ``render_cohort`` from every slide's attention
+    cohort_range: tuple[float, float] | None = None
+    #: no overlay off tissue (tissue mask of the thumbnail)
+    tissue_only: bool = True
     png: bool = True
     geojson: bool = True
     measurement: str = "attention"
     address: str | None = None
     cpus_per_task: float = Field(1.0, gt=0)
     max_in_flight: int = Field(64, ge=1)
+    slide_timeout: float = Field(watchdog.DEFAULT_SLIDE_TIMEOUT_S, gt=0,
+                                 description="seconds without progress on one slide before it is failed")
+    max_worker_crashes: int = Field(watchdog.DEFAULT_MAX_CRASHES, ge=1)
 
 
 @dataclass
@@ -70,6 +79,7 @@ class HeatmapJob:
     tile_size: float | None = None      # level-0 px; None = from the attention/feature file metadata
     feature_url: str | None = None
     mpp: float | None = None
+    truth: str | None = None            # HER2 score from the manifest, shown beside the prediction
 
 
 def read_attention(url: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
@@ -105,6 +115,7 @@ def render_slide(job: HeatmapJob, cfg: HeatmapConfig) -> dict[str, Any]:
     status = {"slide_id": job.slide_id, "status": "failed", "reason": "", "png": "", "geojson": "",
               "n_tiles": 0, "seconds": 0.0}
     try:
+        watchdog.beat("reading attention")
         x, y, scores, meta = read_attention(job.attention_url)
         size = _tile_size(job, meta)
         status["n_tiles"] = int(len(x))
@@ -114,12 +125,18 @@ def render_slide(job: HeatmapJob, cfg: HeatmapConfig) -> dict[str, Any]:
             write_geojson(url, fc)
             status["geojson"] = url
         if cfg.png:
+            watchdog.beat("opening slide")
             with open_slide(job.slide_path, mpp_override=job.mpp) as reader:
                 thumb = reader.thumbnail(cfg.max_px)
                 dims = reader.dimensions
-            png, _ = render_heatmap(thumb, dims, x, y, scores, size,
-                                    title=prediction_title(job.slide_id, job.prediction), cmap=cfg.cmap,
-                                    alpha=cfg.alpha, normalize=cfg.normalize)
+                slide_mpp = meta.get("slide_mpp") or _reader_mpp(reader)
+            shown = relative_attention(scores) if cfg.scale == "cohort" else scores
+            png, _ = render_heatmap(thumb, dims, x, y, shown, size,
+                                    title=prediction_title(job.slide_id, job.prediction, job.truth), cmap=cfg.cmap,
+                                    alpha=cfg.alpha, normalize=cfg.normalize, slide_mpp=slide_mpp,
+                                    value_range=cfg.cohort_range if cfg.scale == "cohort" else None,
+                                    tissue=_tissue(thumb) if cfg.tissue_only else None,
+                                    random_weights=_random_weights(job, meta))
             url = storage.join(cfg.out, f"{job.slide_id}.png")
             storage.write_bytes_atomic(url, png)
             status["png"] = url
@@ -131,8 +148,57 @@ def render_slide(job: HeatmapJob, cfg: HeatmapConfig) -> dict[str, Any]:
     return status
 
 
-def _render_task(job_dict: dict[str, Any], cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    return render_slide(HeatmapJob(**job_dict), HeatmapConfig.from_mapping(cfg_dict))
+def _failed_status(slide_id: str, reason: str) -> dict[str, Any]:
+    return {"slide_id": slide_id, "status": "failed", "reason": reason, "png": "", "geojson": "", "n_tiles": 0,
+            "seconds": 0.0}
+
+
+def _render_task(job_dict: dict[str, Any], cfg_dict: dict[str, Any], ledger=None,
+                 plugins: str | None = None) -> dict[str, Any]:
+    """One slide in a Ray task, under the process watchdog and the run's crash ledger."""
+    watchdog.load_plugins(plugins)
+    job, cfg = HeatmapJob(**job_dict), HeatmapConfig.from_mapping(cfg_dict)
+    guard = watchdog.Guard(ledger, watchdog.GuardConfig(timeout_s=cfg.slide_timeout,
+                                                        max_crashes=cfg.max_worker_crashes))
+    return guard.run(job.slide_id, job.slide_path, lambda: render_slide(job, cfg),
+                     lambda reason: _failed_status(job.slide_id, reason))
+
+def _reader_mpp(reader) -> float | None:
+    try:
+        return float(reader.mpp)
+    except Exception:  # noqa: BLE001 - no MPP: the picture simply has no scale bar
+        return None
+
+
+def _tissue(thumb: np.ndarray) -> np.ndarray | None:
+    from ..tiling.mask import tissue_mask
+
+    try:
+        return tissue_mask(thumb, fill_holes=False)
+    except Exception:  # noqa: BLE001 - no mask: the overlay covers every tile
+        return None
+
+
+def _random_weights(job: HeatmapJob, meta: dict[str, Any]) -> bool:
+    """Whether the features came from a random-weight encoder (attention metadata, else the feature file)."""
+    if "encoder_random_weights" in meta:
+        return bool(meta["encoder_random_weights"])
+    if job.feature_url:
+        try:
+            raw = storage.read_parquet_metadata(job.feature_url).get(FEATURE_META_KEY)
+            return bool(json.loads(raw).get("encoder", {}).get("random_weights")) if raw else False
+        except Exception:  # noqa: BLE001
+            return False
+    return False
+
+
+def cohort_range(jobs: list[HeatmapJob], percentile: float = 99.0) -> tuple[float, float]:
+    """(0, p-th percentile) of attention / slide mean over every tile of every slide: one colour scale."""
+    values = [relative_attention(read_attention(j.attention_url)[2]) for j in jobs]
+    values = [v[np.isfinite(v)] for v in values]
+    allv = np.concatenate(values) if values else np.zeros(0)
+    hi = float(np.percentile(allv, percentile)) if len(allv) else 1.0
+    return 0.0, max(hi, 1.0)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -153,7 +219,8 @@ def resolve_slides(slides: Iterable[str]) -> dict[str, dict[str, Any]]:
     if len(slides) == 1 and slides[0].lower().endswith(MANIFEST_SUFFIXES):
         from ..manifest import load_manifest
 
-        return {r["slide_id"]: {"path": r["path"], "mpp": r.get("mpp")} for r in load_manifest(slides[0])}
+        return {r["slide_id"]: {"path": r["path"], "mpp": r.get("mpp"), "truth": r.get("her2_score") or None}
+                for r in load_manifest(slides[0])}
     out: dict[str, dict[str, Any]] = {}
     for path in slides:
         sid = slide_id_from_path(path)
@@ -203,13 +270,26 @@ def plan_jobs(attention_dir: str, slides: Iterable[str], predictions: str | None
         elif sid not in paths:
             reason = "slide path unknown (not in --slides)"
         if reason:
-            failed.append({"slide_id": sid, "status": "failed", "reason": reason, "png": "", "geojson": "",
-                           "n_tiles": 0, "seconds": 0.0})
+            failed.append(_failed_status(sid, reason))
             continue
         jobs.append(HeatmapJob(slide_id=sid, slide_path=paths[sid]["path"], attention_url=attention[sid],
                                prediction=preds.get(sid), tile_size=tile_size, mpp=paths[sid].get("mpp"),
+                               truth=None if paths[sid].get("truth") is None else str(paths[sid]["truth"]),
                                feature_url=feature_url(features, sid) if features else None))
     return jobs, failed
+
+
+def preflight_jobs(jobs: list[HeatmapJob]) -> tuple[list[HeatmapJob], list[dict[str, Any]]]:
+    """Jobs whose slide passes ``her2ray.preflight`` (exists, regular readable file / S3 object), and failed
+    status rows for the others, before any Ray task starts."""
+    from ..preflight import check_paths
+
+    reasons = check_paths([j.slide_path for j in jobs])
+    ok = [j for j in jobs if reasons.get(j.slide_path) is None]
+    failed = [{"slide_id": j.slide_id, "status": "failed", "reason": f"preflight: {j.slide_path}: "
+               f"{reasons[j.slide_path]}", "png": "", "geojson": "", "n_tiles": 0, "seconds": 0.0}
+              for j in jobs if reasons.get(j.slide_path) is not None]
+    return ok, failed
 
 
 def render_cohort(jobs: list[HeatmapJob], cfg: HeatmapConfig, local: bool = False,
@@ -218,11 +298,14 @@ def render_cohort(jobs: list[HeatmapJob], cfg: HeatmapConfig, local: bool = Fals
     if cfg.cmap not in PERCEPTUAL_CMAPS:
         raise ConfigError(f"colormap {cfg.cmap!r} is not perceptually uniform; use one of {PERCEPTUAL_CMAPS}")
     storage.makedirs(cfg.out)
+    if cfg.scale == "cohort" and cfg.cohort_range is None and jobs:
+        cfg = cfg.model_copy(update={"cohort_range": cohort_range(jobs)})
+        log.info("cohort colour scale: attention / slide mean in [%.2f, %.2f]", *cfg.cohort_range)
     bar = None
     if progress and jobs:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(jobs), desc="heatmaps", unit="slide")
+        bar = tqdm(total=len(jobs), desc="heatmaps", unit="slide", file=console.stderr())
     results: dict[str, dict[str, Any]] = {}
     try:
         if local:
@@ -234,15 +317,27 @@ def render_cohort(jobs: list[HeatmapJob], cfg: HeatmapConfig, local: bool = Fals
             import ray
 
             ensure_ray(cfg.address, log_to_driver=False)
-            task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=1)(_render_task)
-            cfg_dict = cfg.to_dict()
-            pending: list = []
+            resources.check_fits({"CPU": cfg.cpus_per_task}, resources.cluster_shapes(), what="a heatmap task",
+                                 hint="Lower cpus_per_task.")
+            guard = watchdog.GuardConfig(timeout_s=cfg.slide_timeout, max_crashes=cfg.max_worker_crashes)
+            ledger = watchdog.make_ledger()
+            # Ray retries a task whose worker or node died; the ledger fails the slide at the crash budget.
+            task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=-1)(_render_task)
+            cfg_dict, plugins = cfg.to_dict(), os.environ.get(watchdog.PLUGIN_ENV)
+            pending: dict = {}
             queue = list(jobs)
             while queue or pending:
                 while queue and len(pending) < cfg.max_in_flight:
-                    pending.append(task.remote(asdict(queue.pop(0)), cfg_dict))
-                done, pending = ray.wait(pending, num_returns=1)
-                for status in ray.get(done):
+                    job = queue.pop(0)
+                    pending[task.remote(asdict(job), cfg_dict, ledger, plugins)] = job.slide_id
+                done, _ = ray.wait(list(pending), num_returns=1)
+                for ref in done:
+                    sid = pending.pop(ref)
+                    try:
+                        status = ray.get(ref)
+                    except ray.exceptions.RayError:      # retries exhausted: the ledger says why
+                        status = _failed_status(sid, watchdog.missing_reason(
+                            sid, watchdog.ledger_report(ledger), guard))
                     results[status["slide_id"]] = status
                     if bar is not None:
                         bar.update(1)
@@ -263,5 +358,5 @@ def write_status(out: str, rows: list[dict[str, Any]]) -> str:
     return url
 
 
-__all__ = ["HeatmapConfig", "HeatmapJob", "plan_jobs", "read_attention", "read_predictions", "render_cohort",
+__all__ = ["HeatmapConfig", "HeatmapJob", "cohort_range", "plan_jobs", "preflight_jobs", "read_attention", "read_predictions", "render_cohort",
            "render_slide", "resolve_slides", "slide_id_from_path", "write_status"]

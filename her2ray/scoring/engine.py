@@ -299,7 +299,8 @@ def attention_table(sf: SlideFeatures, kept: np.ndarray, kept_scores: np.ndarray
     is_kept[kept] = True
     meta = {"slide_id": sf.slide_id, "tile_size_level0_px": float(sf.meta.tile_size_level0_px),
             "slide_mpp": sf.meta.slide_mpp, "score": "mean over folds of tile_attention_scores",
-            "model_run_id": (identity or {}).get("run_id"), "model_sha256": (identity or {}).get("sha256")}
+            "model_run_id": (identity or {}).get("run_id"), "model_sha256": (identity or {}).get("sha256"),
+            "encoder_random_weights": bool((sf.meta.encoder or {}).get("random_weights"))}
     table = pa.table({
         "slide_id": pa.array([sf.slide_id] * len(sf.x), type=pa.string()),
         "x": pa.array(sf.x, type=pa.int64()),

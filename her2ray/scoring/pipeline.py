@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from pydantic import Field
 
-from .. import storage
+from .. import console, resources, storage, watchdog
 from ..ray_runtime import ensure_ray
 from ..config import StageConfig
 from ..errors import FeatureStoreError
@@ -42,7 +44,7 @@ from ..training.calibration import load_calibration
 from ..training.operating_points import load_operating_points
 from ..provenance import run_record, write_run_record
 from .checkpoints import ensemble_identity
-from .engine import ATTENTION_DIR, RESULT_SCHEMA, FoldEnsemble, result_schema, rows_to_table, score_slide
+from .engine import ATTENTION_DIR, RESULT_SCHEMA, FoldEnsemble, empty_row, result_schema, rows_to_table, score_slide
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,9 @@ class ScoreConfig(StageConfig):
     actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
+    slide_timeout: float = Field(watchdog.DEFAULT_SLIDE_TIMEOUT_S, gt=0,
+                                 description="seconds without progress on one slide before it is failed")
+    max_worker_crashes: int = Field(watchdog.DEFAULT_MAX_CRASHES, ge=1)
     progress: bool = True
 
 
@@ -88,12 +93,19 @@ class ScoreSummary:
     class_counts: dict[str, int]
     n_her2_low: int
     model: dict[str, Any] = field(default_factory=dict)
+    #: ray_start_s, actor_startup_s, scoring_s (see ``run_ray_scoring``)
+    timing: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def startup_s(self) -> float:
+        return self.timing.get("ray_start_s", 0.0) + self.timing.get("actor_startup_s", 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"out": self.out, "n_requested": self.n_requested, "n_scored": self.n_scored,
                 "n_failed": self.n_failed, "seconds": round(self.seconds, 3), "class_counts": self.class_counts,
                 "n_her2_low": self.n_her2_low, "model_run_id": self.model.get("run_id"),
-                "model_sha256": self.model.get("sha256")}
+                "model_sha256": self.model.get("sha256"),
+                "timing": {k: round(v, 3) for k, v in self.timing.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -103,18 +115,26 @@ class EnsembleScorer:
     """Callable-class UDF: one per actor; the fold ensemble is loaded once in ``__init__``."""
 
     def __init__(self, run_url: str, out_dir: str, attention: bool = False, device: str | None = None,
-                 expected_sha256: str | None = None, num_threads: int | None = None):
+                 expected_sha256: str | None = None, num_threads: int | None = None,
+                 guard: dict[str, Any] | None = None, ledger=None, plugins: str | None = None):
+        watchdog.load_plugins(plugins)
         if num_threads:
             import torch
 
             torch.set_num_threads(max(1, int(num_threads)))  # no oversubscription next to other actors
         self.ensemble = FoldEnsemble.from_run(run_url, device=device, expected_sha256=expected_sha256)
         self.out_dir, self.attention = out_dir, attention
+        self.guard = watchdog.Guard(ledger, watchdog.GuardConfig(**(guard or {})))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        rows = [score_slide(self.ensemble, str(sid), str(url), out_dir=self.out_dir, attention=self.attention)
+        rows = [self.guard.run(str(sid), str(url), lambda sid=sid, url=url: self._score(str(sid), str(url)),
+                               lambda reason, sid=sid: {**empty_row(str(sid)), "error": reason})
                 for sid, url in zip(batch["slide_id"], batch["feature_url"])]
         return rows_to_table(rows, self.ensemble.schema)
+
+    def _score(self, slide_id: str, url: str) -> dict[str, Any]:
+        watchdog.beat("scoring")
+        return score_slide(self.ensemble, slide_id, url, out_dir=self.out_dir, attention=self.attention)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -186,40 +206,69 @@ def plan_scoring(store: str, manifest: str | None = None) -> ScoringPlan:
 # ----------------------------------------------------------------------------------------------------
 
 def run_ray_scoring(plan_todo: list[dict[str, str]], cfg: ScoreConfig, identity: dict[str, Any],
-                    on_batch=None) -> pa.Table:
-    """Score ``plan_todo`` on Ray Data; returns the result rows (``RESULT_SCHEMA``), unordered → sorted later."""
+                    on_batch=None, timing: dict[str, float] | None = None) -> pa.Table:
+    """Score ``plan_todo`` on Ray Data; returns the result rows (``RESULT_SCHEMA``), unordered → sorted later.
+
+    ``timing`` (filled in): ``ray_start_s``, ``actor_startup_s`` (actors up + fold models loaded until the first
+    batch began), ``scoring_s`` (first batch began -> last batch done).
+    """
     import ray
 
+    timing = {} if timing is None else timing
+    t_ray = time.perf_counter()
     ensure_ray(cfg.address, log_to_driver=False)
+    timing["ray_start_s"] = time.perf_counter() - t_ray
     schema = result_schema(identity.get("flag_columns", ()))
     if not plan_todo:
         return rows_to_table([], schema)
+    resources.check_fits({"CPU": cfg.cpus_per_actor, "GPU": cfg.gpus_per_actor}, resources.cluster_shapes(),
+                         what="a scoring actor", hint="Lower --cpus-per-actor / --gpus-per-actor.")
+    guard = watchdog.GuardConfig(timeout_s=cfg.slide_timeout, max_crashes=cfg.max_worker_crashes)
+    ledger = watchdog.make_ledger()
     n = len(plan_todo)
     # Blocks are the unit of parallelism and retry: about one batch per block, enough blocks to feed the pool.
     num_blocks = max(1, min(n, max(math.ceil(n / cfg.batch_slides), 4 * cfg.actors)))
     ds = ray.data.from_items(plan_todo, override_num_blocks=num_blocks)
     device = "cuda" if cfg.gpus_per_actor > 0 else "cpu"
-    scored = ds.map_batches(
-        EnsembleScorer,
-        fn_constructor_kwargs={"run_url": cfg.model, "out_dir": cfg.out, "attention": cfg.attention,
-                               "device": device, "expected_sha256": identity["sha256"],
-                               "num_threads": max(1, int(cfg.cpus_per_actor))},
-        batch_size=cfg.batch_slides, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.actors),
-        num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None,
-    )
-    parts = []
     ctx = ray.data.DataContext.get_current()
+    saved_errored = ctx.max_errored_blocks
+    ctx.max_errored_blocks = num_blocks          # a block dropped after the retry bound: reported per slide below
+    with warnings.catch_warnings():              # retry bounds exist only as (deprecated) raw remote args in 2.60
+        warnings.simplefilter("ignore")
+        scored = ds.map_batches(
+            EnsembleScorer,
+            fn_constructor_kwargs={"run_url": cfg.model, "out_dir": cfg.out, "attention": cfg.attention,
+                                   "device": device, "expected_sha256": identity["sha256"],
+                                   "num_threads": max(1, int(cfg.cpus_per_actor)), "guard": guard.to_dict(),
+                                   "ledger": ledger, "plugins": os.environ.get(watchdog.PLUGIN_ENV)},
+            batch_size=cfg.batch_slides, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.actors),
+            num_cpus=cfg.cpus_per_actor, num_gpus=cfg.gpus_per_actor or None, **watchdog.ray_task_options(guard),
+        )
+    parts = []
     saved_bars = ctx.enable_progress_bars
     if cfg.progress:
         ctx.enable_progress_bars = False        # our per-slide bar replaces Ray's per-operator bars
+    t_start, work_started = time.perf_counter(), None
     try:
         for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if work_started is None:   # the first batch's slides began this long before it arrived
+                work_started = time.perf_counter() - float(pc.sum(batch.column("seconds")).as_py() or 0.0)
+                timing["actor_startup_s"] = max(0.0, work_started - t_start)
             parts.append(batch)
             if on_batch is not None:
                 on_batch(batch)
     finally:
-        ctx.enable_progress_bars = saved_bars
+        ctx.enable_progress_bars, ctx.max_errored_blocks = saved_bars, saved_errored
+    if work_started is not None:
+        timing["scoring_s"] = time.perf_counter() - work_started
+    returned = {sid for p in parts for sid in p.column("slide_id").to_pylist()}
+    missing = [t["slide_id"] for t in plan_todo if t["slide_id"] not in returned]
+    if missing:
+        flags = identity.get("flag_columns", ())
+        report = watchdog.ledger_report(ledger)
+        parts.append(rows_to_table([{**empty_row(sid, flags), "error": watchdog.missing_reason(sid, report, guard)}
+                                    for sid in missing], schema))
     if not parts:
         return rows_to_table([], schema)
     return pa.concat_tables([p.select(schema.names).cast(schema) for p in parts])
@@ -278,6 +327,7 @@ def score_cohort(cfg: ScoreConfig) -> ScoreSummary:
 
     bar = _progress(len(plan.todo), cfg.progress)
     counts = {"failed": 0}
+    timing: dict[str, float] = {}
 
     def on_batch(batch: pa.Table) -> None:
         counts["failed"] += int(pc.sum(pc.not_equal(batch.column("status"), "ok")).as_py() or 0)
@@ -286,7 +336,7 @@ def score_cohort(cfg: ScoreConfig) -> ScoreSummary:
             bar.set_postfix(failed=counts["failed"])
 
     try:
-        results = run_ray_scoring(plan.todo, cfg, identity, on_batch=on_batch)
+        results = run_ray_scoring(plan.todo, cfg, identity, on_batch=on_batch, timing=timing)
     finally:
         if bar is not None:
             bar.close()
@@ -300,7 +350,7 @@ def score_cohort(cfg: ScoreConfig) -> ScoreSummary:
     summary = ScoreSummary(out=cfg.out, n_requested=len(plan.order), n_scored=preds.num_rows,
                            n_failed=failed.num_rows, seconds=time.perf_counter() - t0,
                            class_counts=class_counts, n_her2_low=class_counts["1+"] + class_counts["2+"],
-                           model=identity)
+                           model=identity, timing=timing)
     record = run_record("score", cfg.to_dict(), model=identity, summary=summary.to_dict(),
                         calibration=calibration.to_dict(), operating_points=points,
                         outputs={"predictions": PREDICTIONS_PARQUET, "predictions_csv": PREDICTIONS_CSV,
@@ -316,7 +366,7 @@ def _progress(total: int, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="scoring slides", unit="slide")
+    return tqdm(total=total, desc="scoring slides", unit="slide", file=console.stderr())
 
 
 __all__ = ["EnsembleScorer", "FAILED_CSV", "PREDICTIONS_CSV", "PREDICTIONS_PARQUET", "PREDICTION_COLUMNS",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -21,17 +20,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .. import storage
+from .. import console, storage
 from ..errors import ConfigError, FeatureStoreError, Her2RayError, ManifestError
 from ..features.schema import (META_KEY, RUN_FILE, FeatureFileMeta, feature_ids,
                                feature_url, is_usable, read_catalog)
 from ..labels import NUM_CLASSES, PROB_COLUMNS, parse_her2_score, score_name
 from ..manifest import load_manifest
+from ..heartbeat import RunHeartbeat
 from ..provenance import run_record, write_run_record
 from ..ray_runtime import ensure_ray
+from ..models import GRAPH_MODELS
 from . import checkpoints as ck
 from .config import RESOURCE_KEYS, TrainConfig
+from .graphs import prebuild_graphs
 from .determinism import compute_record
+from .fold_check import check_fold_counts
 from .loop import FoldSpec
 from .postprocess import calibrated_columns, calibration_metrics, fit_postprocessing, postprocess_markdown
 from .splits import SPLITS_FILE, TEST_FOLD, assign_folds, read_splits, write_splits
@@ -47,6 +50,8 @@ POSTPROCESS_KEYS = {"calibration", "screening_endpoints", "screening_sensitiviti
 
 class TrainingFailedError(Her2RayError):
     """One or more folds failed; finished folds are kept and a rerun of the same command resumes."""
+
+    exit_code = 1
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -164,6 +169,7 @@ def prepare_inputs(features: str, manifest: str, cfg: TrainConfig, test_manifest
     excluded += ex1 + ex2
     if not cv:
         raise FeatureStoreError(f"{features}: no usable training slide (excluded {len(excluded)})")
+    check_fold_counts(cv, cfg.folds, cfg.split_by)      # before Ray starts, with counts per HER2 score
     prov = feature_provenance(features, [r["slide_id"] for r in cv + test])
     return {"cv": cv, "test": test, "excluded": excluded, "provenance": prov}
 
@@ -171,9 +177,9 @@ def prepare_inputs(features: str, manifest: str, cfg: TrainConfig, test_manifest
 def report_excluded(excluded: list[dict[str, Any]]) -> None:
     if not excluded:
         return
-    print(f"her2ray train: excluded {len(excluded)} slide(s):", file=sys.stderr)
+    print(f"her2ray train: excluded {len(excluded)} slide(s):", file=console.stderr())
     for e in excluded:
-        print(f"  {e['slide_id']} ({e['set']}): {e['reason']}", file=sys.stderr)
+        print(f"  {e['slide_id']} ({e['set']}): {e['reason']}", file=console.stderr())
 
 
 # --------------------------------------------------------------------------------------- splits / specs
@@ -202,7 +208,9 @@ def check_resume_config(out: str, cfg: TrainConfig) -> None:
     old = json.loads(storage.read_text(url)).get("config") or {}
     new = cfg.to_dict()
     free = RESOURCE_KEYS | POSTPROCESS_KEYS
-    diff = sorted(k for k in set(old) | set(new) if k not in free and old.get(k) != new.get(k))
+    defaults = TrainConfig().to_dict()   # keys added by a newer her2ray at their defaults change nothing
+    diff = sorted(k for k in set(old) | set(new)
+                  if k not in free and old.get(k, defaults.get(k)) != new.get(k))
     if diff:
         raise ConfigError(f"{out}: run folder was made with a different configuration ({diff}); "
                           "use a new --out or the same settings to resume")
@@ -234,22 +242,12 @@ def build_fold_specs(out: str, split_rows: list[dict[str, Any]], features: str, 
 
 # --------------------------------------------------------------------------------------- ray
 def check_cluster_resources(cfg: TrainConfig) -> None:
-    """Fail fast instead of waiting forever for a GPU/CPU share the cluster does not have.
+    """Fail fast instead of waiting forever: one fold worker must fit ONE live node, or a node type the
+    cluster's autoscaler can add (``her2ray.resources``)."""
+    from ..resources import check_fits, cluster_shapes
 
-    Only for a local Ray: a remote autoscaling cluster may add nodes on demand, so there we only warn.
-    """
-    import ray
-
-    have = ray.cluster_resources()
-    need = {"CPU": cfg.cpus_per_fold, "GPU": cfg.gpus_per_fold}
-    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > 0 and have.get(k, 0.0) < v}
-    if not short:
-        return
-    msg = "; ".join(f"a fold needs {k}={v} but the cluster has {h}" for k, (v, h) in short.items())
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
-        log.warning("%s (waiting for the autoscaler)", msg)
-        return
-    raise ConfigError(f"{msg}: lower --cpus-per-fold/--gpus-per-fold or use a cluster (--address)")
+    check_fits({"CPU": cfg.cpus_per_fold, "GPU": cfg.gpus_per_fold}, cluster_shapes(), what="a training fold",
+               hint="Lower --cpus-per-fold / --gpus-per-fold, or use a cluster with such a node (--address).")
 
 
 # --------------------------------------------------------------------------------------- outputs
@@ -388,6 +386,21 @@ def write_outputs(out: str, cfg: TrainConfig, split_rows, results: dict[int, dic
     return metrics
 
 
+def train_timing(results: dict[int, dict[str, Any]], t0: float, t_ray: float, t_folds: float, t_end: float
+                 ) -> dict[str, float]:
+    """Where the wall time went (epoch seconds in, seconds out): ``prepare_s`` (inputs, splits), ``ray_start_s``,
+    ``fold_startup_s`` (Ray Train workers up until the first fold's loop began), ``training_s`` (first fold
+    loop began -> last fold done), ``outputs_s`` (metrics, plots, report)."""
+    ran = [r for r in results.values() if not r.get("skipped")]
+    timing = {"prepare_s": t_ray - t0, "ray_start_s": t_folds - t_ray}
+    if ran:
+        first = min(float(r["started_at"]) for r in ran)
+        last = max(float(r["finished_at"]) for r in ran)
+        timing.update(fold_startup_s=max(0.0, first - t_folds), training_s=max(0.0, last - first),
+                      outputs_s=max(0.0, t_end - last))
+    return {k: round(v, 2) for k, v in timing.items()}
+
+
 # --------------------------------------------------------------------------------------- entry point
 def train_cv(features: str, manifest: str, out: str, cfg: TrainConfig, test_manifest: str | None = None,
              local: bool = False) -> dict[str, Any]:
@@ -409,21 +422,27 @@ def train_cv(features: str, manifest: str, out: str, cfg: TrainConfig, test_mani
                     "encoder": prov["encoder"], "feature_settings": prov["feature_settings"],
                     "feature_store_run": prov["feature_store_run"], "n_cv": len(inputs["cv"]),
                     "n_test": len(inputs["test"]), "excluded": inputs["excluded"], "folds": [s.fold for s in specs]}
-    write_run_record(storage.join(out, "run.json"), run_record("train", cfg.to_dict(), status="running",
-                                                               **record_extra))
-    started_ray = False if local else ensure_ray(cfg.address)
-    try:
-        if not local:
-            check_cluster_resources(cfg)
-        results, errors = run_folds(specs, storage.join(out, ck.FOLDS_DIR), cfg.max_concurrent_folds, local)
-    finally:
-        if started_ray:
-            import ray
+    heart = RunHeartbeat(storage.join(out, "run.json"), run_record("train", cfg.to_dict(), status="running",
+                                                                    **record_extra))
+    with heart:                       # run.json: start, host, pid + a heartbeat, so a dead run is visible
+        t_ray = time.time()
+        started_ray = False if local else ensure_ray(cfg.address)
+        t_folds = time.time()
+        try:
+            if not local:
+                check_cluster_resources(cfg)
+            if cfg.model in GRAPH_MODELS:   # SlideGraph+: every slide graph once, not once per fold
+                prebuild_graphs([u for s in specs[:1] for u in s.train_urls + s.val_urls + s.test_urls],
+                                cfg.graph_settings(), local)
+            results, errors = run_folds(specs, storage.join(out, ck.FOLDS_DIR), cfg.max_concurrent_folds, local)
+        finally:
+            if started_ray:
+                import ray
 
-            ray.shutdown()
+                ray.shutdown()
     if errors:
-        write_run_record(storage.join(out, "run.json"), run_record(
-            "train", cfg.to_dict(), status="failed", fold_errors=errors, **record_extra))
+        write_run_record(storage.join(out, "run.json"), heart.final(**run_record(
+            "train", cfg.to_dict(), status="failed", fold_errors=errors, **record_extra)))
         raise TrainingFailedError(
             f"{len(errors)} fold(s) failed ({', '.join(f'fold {k}: {v}' for k, v in sorted(errors.items()))}); "
             f"{len(results)} finished. Rerun the same command to resume.")
@@ -435,7 +454,8 @@ def train_cv(features: str, manifest: str, out: str, cfg: TrainConfig, test_mani
                "val_auc_mean": metrics["val"]["auc_macro_ovr"]["mean"],
                "oof_auc": metrics["oof"]["auc_macro_ovr"],
                "test_auc": (metrics["test_ensemble"] or {}).get("auc_macro_ovr"),
-               "excluded": inputs["excluded"], "seconds": time.time() - t0}
-    write_run_record(storage.join(out, "run.json"), run_record(
-        "train", cfg.to_dict(), status="done", summary=summary, **record_extra))
+               "excluded": inputs["excluded"], "seconds": time.time() - t0,
+               "timing": train_timing(results, t0, t_ray, t_folds, time.time())}
+    write_run_record(storage.join(out, "run.json"), heart.final(**run_record(
+        "train", cfg.to_dict(), status="done", summary=summary, **record_extra)))
     return summary
