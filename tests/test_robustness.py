@@ -187,3 +187,32 @@ def test_ray_that_cannot_start_has_its_own_exit_code_and_message():
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert f"could not connect to the Ray cluster at 127.0.0.1:{port}" in proc.stdout
     assert time.perf_counter() - t0 < 60          # not the minutes ray.init spends waiting for a GCS
+
+
+def test_watchdog_names_the_stage_and_recycles_the_process_only_without_progress():
+    from her2ray.watchdog import Watchdog, beat
+
+    calls, exits = [], []
+    dog = Watchdog(poll_s=0.05, exit_process=exits.append)
+    with dog.watch("s1", 1.0, lambda sid, reason: calls.append((sid, reason))):
+        for _ in range(6):                       # 1.5 s of work, but progress every 0.25 s: no timeout
+            time.sleep(0.25)
+            beat("reading and encoding tiles")
+        assert calls == [] and exits == []
+        beat("writing the feature file")
+        time.sleep(1.6)                          # then nothing for longer than the timeout
+    assert calls == [("s1", "timed out after 1 s while writing the feature file")] and exits == [75]
+
+
+def test_fifo_slide_fails_at_preflight_in_seconds(tmp_path):
+    from her2ray.cli import main
+
+    fifo = tmp_path / "stalled.svs"
+    os.mkfifo(fifo)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(f"slide_id,path\nfifo,{fifo}\n")
+    t0 = time.perf_counter()
+    rc = main(["embed", "--manifest", str(manifest), "--out", str(tmp_path / "store")])
+    assert rc == 1 and time.perf_counter() - t0 < 60
+    row = pq.read_table(tmp_path / "store" / "slides.parquet").to_pylist()[0]
+    assert row["status"] == "failed" and "FIFO" in row["error"]
