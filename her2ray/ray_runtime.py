@@ -33,7 +33,7 @@ def ensure_ray(address: str | None = None, *, log_to_driver: bool = True, **init
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     quiet = console.ray_log_stream() is not None
-    forward = log_to_driver or quiet
+    forward = log_to_driver or quiet or console.is_verbose()   # -v: worker output live on the terminal
     try:
         if address:
             probe_address(address)

@@ -86,6 +86,9 @@ def second_ray(tmp_path_factory):
                 proc.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
                 pass
+        import shutil
+
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
