@@ -9,14 +9,17 @@ A private Ray is started with ``address="local"``: without it ``ray.init()`` joi
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
+import re
 
 from . import console
 from .errors import RayStartError
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 log = logging.getLogger(__name__)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def ensure_ray(address: str | None = None, *, log_to_driver: bool = True, **init_kwargs) -> bool:
@@ -30,7 +33,7 @@ def ensure_ray(address: str | None = None, *, log_to_driver: bool = True, **init
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     quiet = console.ray_log_stream() is not None
-    forward = log_to_driver or quiet
+    forward = log_to_driver or quiet or console.is_verbose()   # -v: worker output live on the terminal
     try:
         if address:
             probe_address(address)
@@ -89,4 +92,26 @@ def route_worker_output(stream) -> bool:
 
 
 def _print_to(stream, ray_worker, data) -> None:
-    ray_worker.print_worker_logs(data, stream)
+    buf = io.StringIO()
+    ray_worker.print_worker_logs(data, buf)
+    try:
+        stream.write(_ANSI.sub("", buf.getvalue()))   # a log file, not a terminal: no colour codes
+    except (ValueError, OSError):   # the log was closed (command over, Ray still draining): drop the line
+        pass
+
+
+def shutdown_if_started(was_initialized: bool) -> None:
+    """``ray.shutdown()`` when Ray was started (or joined) after ``was_initialized`` was taken: called by the CLI
+    while its quiet console is still active, so Ray's teardown output also lands in the log."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and not was_initialized and ray.is_initialized():
+        ray.shutdown()
+
+
+def is_initialized() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())

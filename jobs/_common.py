@@ -369,6 +369,11 @@ def ray_address(options: RayOptions, *, log: Callable[[str], None] = print) -> I
         return
     import ray
 
+    if ray.is_initialized():   # this process already holds a Ray (e.g. a test session's): stages join it
+        address = ray.get_runtime_context().gcs_address
+        log(f"Ray: connecting stages to this process's Ray at {address}")
+        yield address
+        return
     os.environ["PYTHONPATH"] = child_env(None)["PYTHONPATH"]  # raylet-spawned workers import her2ray
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # private, loopback-only cluster (see cluster/README)
     from her2ray import console

@@ -100,6 +100,8 @@ def test_compare_writes_table2_with_paper_numbers_and_paired_test(table2_runs, c
         b = c["bootstrap"]
         assert b["lo"] <= b["diff"] <= b["hi"] and 0 <= b["p_value"] <= 1
         assert len(c["fold_auc_diff"]["per_fold"]) == 2
+    # SlideGraph+ built each of the 32 slide graphs once (before the folds), into the cache beside the features
+    assert len(list((base / "store" / "graphs").glob("*.npz"))) == 32
     text = (out / "table2.md").read_text()
     assert "| KAT | CV on cohort A" in text and "0.795 ± 0.028" in text and "Paired comparison" in text
     assert (out / "roc_compare.png").stat().st_size > 10_000

@@ -168,3 +168,16 @@ def test_runs_made_before_the_slidegraph_settings_still_resume(tmp_path):
     check_resume_config(str(tmp_path), TrainConfig())
     with pytest.raises(ConfigError, match="sg_dropout"):
         check_resume_config(str(tmp_path), TrainConfig(sg_dropout=0.1))
+
+
+def test_graphs_are_prebuilt_once_for_all_folds(tmp_path):
+    from her2ray.training.graphs import prebuild_graphs
+
+    store = str(tmp_path / "s")
+    make_feature_store(store, n_slides=3, n_tiles=20, dim=8, seed=0)
+    urls = [feature_url(store, f"S{i:04d}") for i in range(3)]
+    assert prebuild_graphs(urls + urls[:1], {"lambda_f": 0.1}, local=True) == {"cached": 0, "built": 3}
+    assert prebuild_graphs(urls, {"lambda_f": 0.1}, local=True) == {"cached": 3, "built": 0}
+    ds = make_dataset("slidegraph", urls, [0, 1, 2], aug_rate=0.0, seed=0, graph={"lambda_f": 0.1})
+    _ = [ds[i] for i in range(3)]
+    assert ds.graphs_built == 0                       # the folds only read the cache

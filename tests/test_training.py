@@ -282,6 +282,19 @@ def test_ray_folds_run_concurrently_and_resume_after_a_crash(ray_session, cohort
     assert r1["first_started_at"] < r0["finished_at"] and r0["started_at"] < r1["history"][0]["ended_at"]
     assert r0["pid"] != r1["pid"]  # separate Ray Train worker processes
     assert os.path.exists(os.path.join(out, "metrics.json")) and len(load_fold_models(out)) == 2
+    # the crashed-and-resumed concurrent Ray run equals an uninterrupted sequential local run, bit for bit
+    ref = str(tmp_path / "local")
+    train_cv(cohort["store"], cohort["train"], ref, cfg, test_manifest=cohort["test"], local=True)
+    for name in ("splits.parquet", "oof_predictions.parquet", "test_predictions.parquet"):
+        assert pq.read_table(os.path.join(out, name)).equals(pq.read_table(os.path.join(ref, name))), name
+    for name in ("metrics.json", "calibration.json", "operating_points.json"):
+        assert open(os.path.join(out, name)).read() == open(os.path.join(ref, name)).read(), name
+    for k in (0, 1):
+        ra, rb = (json.loads(open(os.path.join(d, "folds", f"fold-{k}", "result.json")).read()) for d in (out, ref))
+        assert (ra["best_epoch"], ra["compute"]) == (rb["best_epoch"], rb["compute"])
+        sa, sb = (torch.load(os.path.join(d, "folds", f"fold-{k}", "best.pt"), weights_only=True)["state_dict"]
+                  for d in (out, ref))
+        assert all(torch.equal(sa[n], sb[n]) for n in sa)
 
 
 def _abmil_yaml(tmp_path) -> str:

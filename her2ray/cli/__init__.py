@@ -86,9 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     inherited = os.environ.get(console.LOG_ENV)
     local, remote = (inherited, None) if inherited else ray_log_path(args)
+    from ..ray_runtime import is_initialized, shutdown_if_started
+
+    had_ray = is_initialized()
     with console.QuietConsole(local, name_at_end=not inherited and remote is None) as quiet_console:
         print(f"\n===== her2ray {args.command} ({time.strftime('%Y-%m-%d %H:%M:%S')}) =====", file=quiet_console.log)
-        rc = _run(args)
+        try:
+            rc = _run(args)
+        finally:   # Ray's teardown talks too: let it do so into the log
+            shutdown_if_started(had_ray)
     if remote:
         try:
             storage.write_bytes_atomic(remote, open(local, "rb").read())

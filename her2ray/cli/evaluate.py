@@ -48,6 +48,19 @@ def run(args: argparse.Namespace) -> int:
     print(f"evaluated {m['n_evaluated']} slides ({len(m['predictions_without_label'])} predictions without label, "
           f"{len(m['labels_without_prediction'])} labels without prediction)")
     print(f"accuracy {show('accuracy')}  AUC macro {show('auc_macro_ovr')}  F1 macro {show('f1_macro')}  "
-          f"QWK {show('qwk')}  ECE {result['calibration']['ece']:.3f}")
+          f"QWK {show('qwk')}  ECE {result['calibration']['ece']:.3f}"
+          + (f" (uncalibrated {result['calibration_change']['before']['ece']:.3f})"
+             if "calibration_change" in result else ""))
+    for s in result.get("screening", []):
+        sens, spec = s["sensitivity"], s["specificity"]
+        print(f"{s['column']}: sensitivity {_pct(sens)} (target {100 * s['target_sensitivity']:g} %), "
+              f"specificity {_pct(spec)}; {s['n_positive']} positive / {s['n_negative']} negative slides")
     print(f"wrote {args.out}")
     return 0
+
+
+def _pct(stat) -> str:
+    if stat.get("estimate") is None:
+        return "n/a"
+    ci = f" [{100 * stat['lo']:.1f}, {100 * stat['hi']:.1f}]" if stat.get("lo") is not None else ""
+    return f"{100 * stat['estimate']:.1f} %{ci}"

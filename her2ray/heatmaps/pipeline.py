@@ -321,8 +321,8 @@ def render_cohort(jobs: list[HeatmapJob], cfg: HeatmapConfig, local: bool = Fals
                                  hint="Lower cpus_per_task.")
             guard = watchdog.GuardConfig(timeout_s=cfg.slide_timeout, max_crashes=cfg.max_worker_crashes)
             ledger = watchdog.make_ledger()
-            # Ray retries a task whose worker died; the ledger fails the slide at the crash budget.
-            task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=guard.max_crashes + 1)(_render_task)
+            # Ray retries a task whose worker or node died; the ledger fails the slide at the crash budget.
+            task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=-1)(_render_task)
             cfg_dict, plugins = cfg.to_dict(), os.environ.get(watchdog.PLUGIN_ENV)
             pending: dict = {}
             queue = list(jobs)

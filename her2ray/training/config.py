@@ -18,6 +18,10 @@ from ..config import StageConfig
 MODEL_NAMES = ("kat", "abmil", "slidegraph")
 
 
+#: Where and how fast a run executes; never changes its numbers (a resume may change them).
+RESOURCE_KEYS = frozenset({"address", "cpus_per_fold", "gpus_per_fold", "max_concurrent_folds", "max_failures"})
+
+
 class TrainConfig(StageConfig):
     """Cross-validation training settings; unknown keys are rejected (``StageConfig``)."""
 
@@ -105,6 +109,12 @@ class TrainConfig(StageConfig):
         if self.gpus_per_fold > 1 and self.gpus_per_fold != int(self.gpus_per_fold):
             raise ValueError("gpus_per_fold above 1 must be a whole number")
         return self
+
+    def protocol_dict(self) -> dict[str, Any]:
+        """``to_dict()`` without the resource keys: what ``best.pt`` records (where a run executed is not part
+        of the model). The file's bytes still differ between reruns: ``torch.save`` writes a random
+        serialization id, so ``model_sha256`` identifies a file, not a set of weights."""
+        return {k: v for k, v in self.to_dict().items() if k not in RESOURCE_KEYS}
 
     def model_hparams(self) -> dict[str, Any]:
         """Keyword arguments for ``build_model(self.model, ...)``."""

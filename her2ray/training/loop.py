@@ -276,7 +276,7 @@ def _best_payload(spec, cfg, hparams, state_dict, epoch, vauc, vloss) -> dict[st
             "val_metrics": {"auc_macro_ovr": vauc, "loss": vloss},
             "encoder": spec.provenance.get("encoder"), "feature_settings": spec.provenance.get("feature_settings"),
             "data_settings": {"npk": cfg.npk, "max_nodes": cfg.max_nodes},
-            "her2ray_version": __version__, "config": cfg.to_dict()}
+            "her2ray_version": __version__, "config": cfg.protocol_dict()}
 
 
 def _resume_payload(state, model, opt, gen) -> dict[str, Any]:

@@ -29,8 +29,10 @@ from ..manifest import load_manifest
 from ..heartbeat import RunHeartbeat
 from ..provenance import run_record, write_run_record
 from ..ray_runtime import ensure_ray
+from ..models import GRAPH_MODELS
 from . import checkpoints as ck
-from .config import TrainConfig
+from .config import RESOURCE_KEYS, TrainConfig
+from .graphs import prebuild_graphs
 from .determinism import compute_record
 from .fold_check import check_fold_counts
 from .loop import FoldSpec
@@ -41,7 +43,6 @@ log = logging.getLogger(__name__)
 
 EXCLUDED_FILE = "excluded_slides.parquet"
 FAIL_HOOK_ENV = "HER2RAY_TEST_FAIL_AFTER_EPOCH"   # "fold:epochs" - test hook, see loop.FoldSpec
-RESOURCE_KEYS = {"address", "cpus_per_fold", "gpus_per_fold", "max_concurrent_folds", "max_failures"}
 # Applied to the finished folds' predictions at the end of every run: a rerun with other values recomputes
 # calibration and operating points without retraining.
 POSTPROCESS_KEYS = {"calibration", "screening_endpoints", "screening_sensitivities"}
@@ -430,6 +431,9 @@ def train_cv(features: str, manifest: str, out: str, cfg: TrainConfig, test_mani
         try:
             if not local:
                 check_cluster_resources(cfg)
+            if cfg.model in GRAPH_MODELS:   # SlideGraph+: every slide graph once, not once per fold
+                prebuild_graphs([u for s in specs[:1] for u in s.train_urls + s.val_urls + s.test_urls],
+                                cfg.graph_settings(), local)
             results, errors = run_folds(specs, storage.join(out, ck.FOLDS_DIR), cfg.max_concurrent_folds, local)
         finally:
             if started_ray:
