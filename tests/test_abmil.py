@@ -61,7 +61,7 @@ def test_build_model_factory_same_signature():
     feats, dist = torch.randn(2, 12, 8), torch.rand(2, 3, 12) * 4
     tmask, kmask = torch.ones(2, 12, dtype=torch.bool), torch.ones(2, 3, dtype=torch.bool)
     for name, hp in (("abmil", {"dim": 16, "dropout": 0.0, "npk": 16, "max_nodes": 64}),
-                     ("kat", {"dim": 16, "depth": 1, "heads": 2, "dim_head": 8, "mlp_dim": 16, "npk": 16,
+                     ("kat", {"dim": 16, "depth": 2, "heads": 2, "dim_head": 8, "mlp_dim": 16, "npk": 16,
                               "max_nodes": 64})):
         m = build_model(name, 8, 4, **hp).eval()
         assert m(feats, dist, tmask, kmask).shape == (2, 4)

@@ -171,10 +171,20 @@ def test_state_dict_is_the_official_layout():
 
 
 def test_numerics_settings():
-    model = KernelAttentionTransformer(16, 2, dim=8, heads=2, dim_head=4, mlp_dim=8, depth=1)
+    model = KernelAttentionTransformer(16, 2, dim=8, heads=2, dim_head=4, mlp_dim=8, depth=2)
     assert all(m.eps == 1e-5 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
     assert all(m.approximate == "none" for m in model.modules() if isinstance(m, torch.nn.GELU))
     assert model.gaussian_variance(0) == 144.0 and model.gaussian_variance(3) == 144.0 * 8
+
+
+def test_depth_one_is_refused_because_its_logits_ignore_the_slide():
+    with pytest.raises(ValueError, match="depth must be >= 2"):
+        KernelAttentionTransformer(16, 2, dim=8, heads=2, dim_head=4, mlp_dim=8, depth=1)
+    torch.manual_seed(0)
+    model = KernelAttentionTransformer(16, 2, dim=8, heads=2, dim_head=4, mlp_dim=8, depth=2, dropout=0.0).eval()
+    dist = torch.rand(2, 3, 10) * 4
+    a, b = model(torch.randn(2, 10, 16), dist), model(torch.randn(2, 10, 16), dist)
+    assert (a - b).abs().max() > 1e-4          # two blocks: the logits depend on the tiles
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -232,10 +232,8 @@ def test_score_cli_on_ray_outputs_and_failures(ray_session, tmp_path):
     rows = ["slide_id,her2_score,center,n_tiles"] + [f"{s},{i % 4}+,C{i % 2},x" for i, s in enumerate(ids)]
     manifest.write_text("\n".join(rows + ["S99,1+,C1,x"]) + "\n")    # S99: not in the store at all
     out = str(tmp_path / "scores")
-    t0 = time.perf_counter()
     rc = _cli(["--features", store, "--model", run, "--out", out, "--manifest", str(manifest), "--attention",
                "--batch-slides", "3", "--actors", "2", "--no-progress"])
-    elapsed = time.perf_counter() - t0
     assert rc == 0
     preds = pq.read_table(os.path.join(out, "predictions.parquet"))
     assert preds.column("slide_id").to_pylist() == ["S00", "S01", "S02", "S04", "S06", "S08", "S09"]
@@ -270,7 +268,6 @@ def test_score_cli_on_ray_outputs_and_failures(ray_session, tmp_path):
     record = json.loads(open(os.path.join(out, "run.json")).read())
     assert record["stage"] == "score" and record["summary"]["n_scored"] == 7
     assert record["model"]["sha256"] == d[0]["model_sha256"] and len(record["model"]["folds"]) == 2
-    assert elapsed < 60
 
 
 def test_score_cli_bad_model_is_a_clean_error(tmp_path, capsys):

@@ -161,8 +161,11 @@ class KernelAttentionTransformer(nn.Module):
         super().__init__()
         if npk <= 0:
             raise ValueError(f"npk must be positive, got {npk}")
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
+        if depth < 2:
+            # In every block the class token reads the kernel tokens as they entered it; in block 0 these are
+            # copies of one learned token, so with a single block the logits ignore the slide (official order).
+            raise ValueError(f"depth must be >= 2 (with depth {depth} the class token never sees a tile: it "
+                             f"reads the kernel tokens before their first update); got {depth}")
         self.hparams: dict[str, Any] = dict(patch_dim=patch_dim, num_classes=num_classes, dim=dim, depth=depth,
                                             heads=heads, dim_head=dim_head, mlp_dim=mlp_dim, npk=npk,
                                             dropout=dropout, emb_dropout=emb_dropout)

@@ -47,7 +47,7 @@ class TrainConfig(StageConfig):
 
     # --- model hyper-parameters (KAT; ABMIL uses dim and dropout) --------------------------------
     dim: int = Field(256, ge=1)
-    depth: int = Field(4, ge=1)
+    depth: int = Field(4, ge=2)  # depth 1 ignores the slide (see KernelAttentionTransformer)
     heads: int = Field(8, ge=1)
     dim_head: int = Field(64, ge=1)
     mlp_dim: int = Field(512, ge=1)
