@@ -31,6 +31,17 @@ from .kernels import DEFAULT_MAX_NODES, DEFAULT_NPK, OFFICIAL_KMEANS_SEED, Kerne
 UNKNOWN_LABEL = -1
 
 
+def augmentation_rng(draws: dict[tuple[int, int], int], seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator for one draw of slide ``index`` in ``epoch``: a function of (seed, epoch, index, draw number,
+    DataLoader worker seed) only, so augmentation never depends on timing or on which process serves the slide."""
+    key = (epoch, index)
+    draw = draws.get(key, 0)
+    draws[key] = draw + 1
+    info = torch.utils.data.get_worker_info()
+    worker_seed = 0 if info is None else int(info.seed) % (2 ** 63)
+    return np.random.default_rng([seed, epoch, index, draw, worker_seed])
+
+
 class BagDataset(Dataset):
     """One item per feature file.
 
@@ -108,12 +119,7 @@ class BagDataset(Dataset):
             self.plan(i)
 
     def _rng(self, index: int) -> np.random.Generator:
-        key = (self.epoch, index)
-        draw = self._draws.get(key, 0)
-        self._draws[key] = draw + 1
-        info = torch.utils.data.get_worker_info()
-        worker_seed = 0 if info is None else int(info.seed) % (2 ** 63)
-        return np.random.default_rng([self.seed, self.epoch, index, draw, worker_seed])
+        return augmentation_rng(self._draws, self.seed, self.epoch, index)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..features.schema import read_slide_features
+from .bags import augmentation_rng
 from .slidegraph_graph import GraphParams, SlideGraph, cached_graph
 
 UNKNOWN_LABEL = -1
@@ -76,12 +77,7 @@ class GraphDataset(Dataset):
         return self._graphs[index]
 
     def _rng(self, index: int) -> np.random.Generator:
-        key = (self.epoch, index)
-        draw = self._draws.get(key, 0)
-        self._draws[key] = draw + 1
-        info = torch.utils.data.get_worker_info()
-        worker_seed = 0 if info is None else int(info.seed) % (2 ** 63)
-        return np.random.default_rng([self.seed, self.epoch, index, draw, worker_seed])
+        return augmentation_rng(self._draws, self.seed, self.epoch, index)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
