@@ -94,6 +94,7 @@ class QuietConsole:
         to_log.setFormatter(logging.Formatter(LOG_FORMAT))
         root.handlers = [to_console, to_log]
         root.setLevel(logging.INFO)
+        self._moved = _move_library_handlers(self.log)
         _active = self
         return self
 
@@ -108,6 +109,8 @@ class QuietConsole:
         sys.stdout, sys.stderr = self._saved["stdout"], self._saved["stderr"]
         root.handlers = self._saved["handlers"]
         root.setLevel(self._saved["level"])
+        for handler, stream in self._moved:
+            handler.setStream(stream)
         _active = self._saved["active"]
         os.dup2(self._fd1, 1)
         os.dup2(self._fd2, 2)
@@ -122,6 +125,21 @@ class QuietConsole:
     def child_stdio(self) -> dict[str, int]:
         """``subprocess`` keyword arguments that give a child process the terminal (not the log)."""
         return {"stdout": _fileno(self.out, self._fd1), "stderr": _fileno(self.err, self._fd2)}
+
+
+def _move_library_handlers(log: TextIO) -> list[tuple[logging.StreamHandler, Any]]:
+    """Point the terminal handlers that libraries installed on their own loggers (Ray's ``ray`` and ``ray.data``
+    loggers do not propagate) at the log; returns what to restore. A handler holds the stream object it was made
+    with, which need not write to fd 2 (e.g. a wrapper replaced since), so the fd redirect alone misses it."""
+    moved = []
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger) or name.split(".")[0] in OWN_LOGGERS:
+            continue
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                moved.append((handler, handler.stream))
+                handler.setStream(log)
+    return moved
 
 
 def _fileno(stream: TextIO, fallback: int) -> int:
