@@ -278,7 +278,9 @@ def test_kill_9_of_the_train_driver_then_rerun_finishes_every_fold_once(ray_sess
     assert run["status"] == "done" and liveness(run) == "finished"
 
 
-def test_kill_9_of_a_fold_worker_is_survived_and_every_fold_runs_once(ray_session, train_cohort, tmp_path,
+@pytest.mark.skipif(not os.environ.get("HER2RAY_TRAIN_DRILL"), reason="opt-in (HER2RAY_TRAIN_DRILL=1): ~45-60 s on "
+                    "2 cores, over the suite's budget; the driver drill above runs by default")
+def test_kill_9_of_a_train_fold_worker_is_survived_and_every_fold_runs_once(ray_session, train_cohort, tmp_path,
                                                                       monkeypatch):
     """Fold 1's Ray Train worker is SIGKILLed after its first checkpoint; Train restarts it (``--max-failures``
     1) from that checkpoint and the run completes with every fold once, equal to an uninterrupted run."""
