@@ -6,7 +6,9 @@ wraps the ``openslide`` backend and reacts to marker words in the slide's file n
 * ``__segv__``: the process kills itself with SIGSEGV (a native crash in a slide library), every time;
 * ``__crash_once__``: SIGKILL on the first open only, while a sidecar file ``<path>.crash-once`` exists
   (deleted before dying), so the retry succeeds;
-* ``__hang__``: the open never returns (a stalled network filesystem).
+* ``__hang__``: the open never returns (a stalled network filesystem);
+* ``__hang_read__``: the open and the thumbnail work, reading tile pixels never returns (a slide library stuck
+  in a read after the slide was planned).
 
 Any other slide opens normally. Nothing here is imported unless the variable names this module.
 """
@@ -19,7 +21,12 @@ import time
 
 from .slides.registry import register_backend
 
-SEGV, CRASH_ONCE, HANG = "__segv__", "__crash_once__", "__hang__"
+SEGV, CRASH_ONCE, HANG, HANG_READ = "__segv__", "__crash_once__", "__hang__", "__hang_read__"
+
+
+def _hang_forever(*_args, **_kwargs):
+    while True:
+        time.sleep(3600)
 
 
 def drill_backend(path_for_messages, local_path, **kwargs):
@@ -34,9 +41,11 @@ def drill_backend(path_for_messages, local_path, **kwargs):
             os.unlink(marker)
             os.kill(os.getpid(), signal.SIGKILL)
     if HANG in name:
-        while True:
-            time.sleep(3600)
-    return OpenSlideReader(path_for_messages, local_path, **kwargs)
+        _hang_forever()
+    reader = OpenSlideReader(path_for_messages, local_path, **kwargs)
+    if HANG_READ in name:
+        reader._read_rgb = _hang_forever
+    return reader
 
 
 register_backend("openslide", drill_backend, replace=True)

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -228,9 +228,8 @@ class Guard:
 
             ray.get(self.ledger.fail.remote(slide_id, reason), timeout=10)
 
-    def run(self, slide_id: str, path: str | None, work: Callable[[], dict[str, Any]],
-            failed_row: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-        """``work()`` under the watchdog, unless the slide already timed out or crashed its worker too often."""
+    def _admit(self, slide_id: str) -> str | None:
+        """Register an attempt with the ledger; the recorded failure (timeout, too many crashes) if any."""
         import ray
 
         crashes, failure = 0, None
@@ -243,15 +242,44 @@ class Guard:
         if failure is None and crashes >= self.cfg.max_crashes:
             failure = crashed_message(crashes)
             self.ledger.fail.remote(slide_id, failure)
+        return failure
+
+    def _done(self, slide_id: str) -> None:
+        if self.ledger is not None:
+            self.ledger.finish.remote(slide_id)
+
+    def run(self, slide_id: str, path: str | None, work: Callable[[], dict[str, Any]],
+            failed_row: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+        """``work()`` under the watchdog, unless the slide already timed out or crashed its worker too often."""
+        failure = self._admit(slide_id)
         if failure is not None:
             row = failed_row(failure)
         else:
             timeout = slide_timeout_s(path, self.cfg, self.storage_options)
             with self.watchdog.watch(slide_id, timeout, self._record_timeout):
                 row = work()
-        if self.ledger is not None:
-            self.ledger.finish.remote(slide_id)
+        self._done(slide_id)
         return row
+
+    def iterate(self, key: str, path: str | None, items: Iterator[Any], failed_item: Callable[[str], Any],
+                stage: str = "reading tiles") -> Iterator[Any]:
+        """``items`` one by one, each *produced* under the watchdog (timeout per item; the time the consumer
+        holds this generator suspended between items does not count), unless ``key`` already timed out or
+        crashed its worker too often: then only ``failed_item(reason)``. ``key`` is the ledger's key (a read
+        unit: attempts of different units of one slide must not count as each other's crashes)."""
+        failure = self._admit(key)
+        if failure is not None:
+            yield failed_item(failure)
+        else:
+            timeout = slide_timeout_s(path, self.cfg, self.storage_options)
+            end = object()
+            while True:
+                with self.watchdog.watch(key, timeout, self._record_timeout, stage=stage):
+                    item = next(items, end)
+                if item is end:
+                    break
+                yield item
+        self._done(key)
 
 
 def load_plugins(names: str | None) -> None:

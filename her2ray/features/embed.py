@@ -180,6 +180,7 @@ def embed_slide(row: Mapping[str, Any], encoder, cfg: EmbedConfig, out_store: st
                 _write_qc(reader, grid, cfg, sid)
             feats = np.empty((len(grid), encoder.dim), dtype=np.float16)
             wait = encode = 0.0
+            beat("reading tiles")
             batches = iter_tile_batches(reader, grid, batch_size=encoder.batch_size,
                                         num_workers=cfg.read_workers, prefetch=True)
             while True:

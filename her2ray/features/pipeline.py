@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 #: ``pipelined``: CPU planning/reading tasks -> encoder actors -> driver-side commits; ``slide``: one slide per call;
 #: ``auto`` (default): pipelined when the encoder actors get GPUs, slide on CPU-only clusters (there the encoder
-#: is the bottleneck anyway, and the slide engine's watchdog also covers reading)
+#: is the bottleneck anyway; both engines run every slide step under the watchdog)
 ENGINES = ("auto", "pipelined", "slide")
 
 

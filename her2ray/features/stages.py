@@ -6,7 +6,7 @@ Shape (rows = slides, then read units, then tiles)::
       .map_batches(plan_units,  TaskPool(p), num_cpus=1)   open, thumbnail, tissue mask, grid -> read units
       .map_batches(read_tiles,  TaskPool(r), num_cpus=1)   units -> chunks of tile payloads (generator)
       .map_batches(EncodeActor, ActorPool(n, 4 blocks in flight, 2 concurrent calls, threads),
-                   batch_size=B, num_gpus=1 | num_cpus=c)   tiles of ANY slides -> float16 features
+                   whole reader blocks, num_gpus=1 | num_cpus=c)   one read unit's tiles -> float16 features
       .iter_batches()  -> driver: SlideAssembler commits each slide's file when its last tile is in
 
 Planning and reading are CPU tasks placed wherever the cluster has CPUs, several slides ahead of the encoder;
@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from .embed import STATUS_FAILED, EmbedConfig, load_engine_encoder, status_row
-from .reading import ReadUnit, plan_slide, read_unit, unit_row
+from .reading import ReadUnit, error_chunk, plan_slide, read_unit, unit_row
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +62,26 @@ def plan_units(batch: dict[str, np.ndarray], cfg: dict[str, Any], storage_option
 
 
 def read_tiles_udf(batch: dict[str, np.ndarray], cfg: dict[str, Any], storage_options: dict | None,
-                   chunk_tiles: int, plugins: str | None = None) -> Iterator[dict[str, Any]]:
-    """Ray Data UDF (generator): read units -> chunks of tile payloads."""
+                   chunk_tiles: int, guard: dict | None = None, ledger=None,
+                   plugins: str | None = None) -> Iterator[dict[str, Any]]:
+    """Ray Data UDF (generator): read units -> chunks of tile payloads. Each chunk is read under issue 15's
+    watchdog and crash ledger (``guard``/``ledger``, keyed per read unit): a unit whose reading hangs or keeps
+    crashing its worker ends as one error row (``timed out after N s while reading tiles`` / ``worker crashed N
+    times on this slide``), which fails its slide."""
     from .. import watchdog
 
     watchdog.load_plugins(plugins)
     config = EmbedConfig.from_mapping({**cfg, "storage_options": storage_options})
+    keeper = watchdog.Guard(ledger, watchdog.GuardConfig(**guard), storage_options) if guard else None
     for raw in batch["unit"]:
-        yield from read_unit(ReadUnit.from_bytes(raw), config, chunk_tiles=chunk_tiles)
+        unit = ReadUnit.from_bytes(raw)
+        chunks = read_unit(unit, config, chunk_tiles=chunk_tiles)
+        if keeper is None or unit.error is not None:
+            yield from chunks
+            continue
+        sid = unit.row["slide_id"]
+        yield from keeper.iterate(f"{sid}#read@{unit.start}", unit.row["path"], chunks,
+                                  lambda reason, sid=sid: error_chunk(sid, reason))
 
 
 class EncodeActor:
@@ -170,6 +182,7 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
                                    compute=ray.data.TaskPoolStrategy(size=planners), **retries)
             tiles = units.map_batches(read_tiles_udf, fn_kwargs={"cfg": cfg.to_dict(), "storage_options": so,
                                                                  "chunk_tiles": max(8, forward_rows // 4),
+                                                                 "guard": guard.to_dict(), "ledger": ledger,
                                                                  "plugins": plugins},
                                       batch_size=1, batch_format="numpy", num_cpus=0.5,
                                       compute=ray.data.TaskPoolStrategy(size=readers + (readers == planners)),
@@ -178,11 +191,19 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
             EncodeActor, fn_constructor_kwargs={"cfg": actor_cfg, "storage_options": so,
                                                 "torch_threads": actors.get("torch_threads"),
                                                 "forward_rows": forward_rows},
-            batch_size=forward_rows, batch_format="numpy",
+            # whole reader blocks per call, never re-bundled to ``forward_rows``: Ray Data's bundler holds rows
+            # back until a full batch is queued or ALL upstream work is done, so the last tiles of a slide
+            # waited for other slides' tiles, and behind a hanging slide (until its watchdog timeout) they
+            # waited with it: finished slides were not committed (the kill -9 drill's root cause). The loop
+            # still cuts each call into fixed-shape forwards; only a block's last forward is padded.
+            batch_size=None, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors["num_actors"], max_tasks_in_flight_per_actor=4,
                                                max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
             **remote, **watchdog.ray_task_options(guard))
-        for batch in feats.iter_batches(batch_size=None, batch_format="numpy"):
+        # prefetch_batches=0: with any prefetch, Ray Data's iterator hands out a block only once the NEXT one
+        # has arrived (or the stream ended), so the last encoded tiles (of the only slide not stuck
+        # behind a hanging one, say) were never committed while anything upstream was still running
+        for batch in feats.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0):
             first = first or time.perf_counter()
             for a, s in zip(batch["actor"], batch["loop_stats"]):
                 if s:
