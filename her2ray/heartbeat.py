@@ -34,6 +34,22 @@ def process_identity() -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one we may not signal counts as alive)."""
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True
+    return True
+
+
+def process_gone(record: Mapping[str, Any]) -> bool:
+    """True when ``record`` (``host``, ``pid``) names a process on THIS host that no longer exists (kill -9)."""
+    return bool(record.get("host") == socket.gethostname() and record.get("pid") and not pid_alive(record["pid"]))
+
+
 class Ticker:
     """Calls ``fn()`` every ``interval_s`` seconds in a daemon thread until ``stop()``; errors are logged."""
 
@@ -91,10 +107,13 @@ class RunHeartbeat:
 
 
 def liveness(record: Mapping[str, Any], now: float | None = None) -> str:
-    """``finished`` / ``running`` / ``stale`` (a running record whose heartbeat stopped: the run died)."""
+    """``finished`` / ``running`` / ``stale`` (a running record whose heartbeat stopped, or whose process on this
+    host is gone: the run died)."""
     status = str(record.get("status", ""))
     if status != "running":
         return "finished" if status else "unknown"
+    if process_gone(record):
+        return "stale"
     beat = record.get("heartbeat_utc") or record.get("started_utc") or record.get("created_utc")
     if not beat:
         return "stale"
@@ -103,4 +122,5 @@ def liveness(record: Mapping[str, Any], now: float | None = None) -> str:
     return "stale" if age > STALE_AFTER * interval else "running"
 
 
-__all__ = ["DEFAULT_INTERVAL_S", "RunHeartbeat", "STALE_AFTER", "Ticker", "liveness", "process_identity", "utc_now"]
+__all__ = ["DEFAULT_INTERVAL_S", "RunHeartbeat", "STALE_AFTER", "Ticker", "liveness", "pid_alive", "process_gone",
+           "process_identity", "utc_now"]

@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 from .. import storage
 from ..errors import StoreBusyError
-from ..heartbeat import Ticker, utc_now
+from ..heartbeat import Ticker, process_gone, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -223,16 +223,6 @@ def _backend(url: str, storage_options: Mapping[str, Any] | None):
 
 
 # ------------------------------------------------------------------------------------------- the lease
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, TypeError, OverflowError):
-        return True
-    return True
-
-
 def is_stale(record: Mapping[str, Any], now: float | None = None) -> str | None:
     """Why the lease ``record`` is stale (heartbeat too old, process gone), or None while it is alive."""
     now = time.time() if now is None else now
@@ -240,7 +230,7 @@ def is_stale(record: Mapping[str, Any], now: float | None = None) -> str | None:
     ttl = float(record.get("ttl_s") or DEFAULT_TTL_S)
     if age > ttl:
         return f"no heartbeat for {age:.0f} s (ttl {ttl:.0f} s)"
-    if record.get("host") == socket.gethostname() and record.get("pid") and not _pid_alive(record["pid"]):
+    if process_gone(record):
         return f"its process {record['pid']} on this host is gone"
     return None
 

@@ -41,6 +41,8 @@ def _train_fn(config: dict[str, Any]) -> dict[str, Any]:
     from ray.train import Checkpoint
 
     spec = FoldSpec.from_dict(config["spec"])   # torch threads are pinned by train_fold (determinism.py)
+    if spec.pid_marker_dir:                     # fault drills find (and kill -9) this fold's worker by it
+        open(os.path.join(spec.pid_marker_dir, f"fold-{spec.fold}.{os.getpid()}"), "w").close()
     resume_state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

@@ -63,6 +63,7 @@ class FoldSpec:
     test_labels: list[int] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)   # encoder identity, feature settings
     fail_after_epoch: int | None = None   # test hook: raise after this many epochs on a fresh start
+    pid_marker_dir: str | None = None     # test hook: the fold's worker writes <dir>/fold-<k>.<pid> at its start
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

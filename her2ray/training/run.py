@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 EXCLUDED_FILE = "excluded_slides.parquet"
 FAIL_HOOK_ENV = "HER2RAY_TEST_FAIL_AFTER_EPOCH"   # "fold:epochs" - test hook, see loop.FoldSpec
+PID_HOOK_ENV = "HER2RAY_TEST_PID_DIR"             # local dir - test hook: fold workers leave a pid marker there
 # Applied to the finished folds' predictions at the end of every run: a rerun with other values recomputes
 # calibration and operating points without retraining.
 POSTPROCESS_KEYS = {"calibration", "screening_endpoints", "screening_sensitivities"}
@@ -236,7 +237,8 @@ def build_fold_specs(out: str, split_rows: list[dict[str, Any]], features: str, 
             val_labels=[int(r["label"]) for r in va],
             test_ids=[r["slide_id"] for r in test], test_urls=[feature_url(features, r["slide_id"]) for r in test],
             test_labels=[int(r["label"]) for r in test], provenance=prov,
-            fail_after_epoch=fail_epochs if fail_fold == k else None))
+            fail_after_epoch=fail_epochs if fail_fold == k else None,
+            pid_marker_dir=os.environ.get(PID_HOOK_ENV) or None))
     return specs
 
 
