@@ -10,7 +10,8 @@ wraps the ``openslide`` backend and reacts to marker words in the slide's file n
 * ``__hang_read__``: the open and the thumbnail work, reading tile pixels never returns (a slide library stuck
   in a read after the slide was planned).
 
-Any other slide opens normally. Nothing here is imported unless the variable names this module.
+Any other slide opens normally. Nothing here is imported unless the variable names this module, and a worker
+that imported it for an earlier task behaves normally unless the current task names it too.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import signal
 import time
 
+from . import watchdog
 from .slides.registry import register_backend
 
 SEGV, CRASH_ONCE, HANG, HANG_READ = "__segv__", "__crash_once__", "__hang__", "__hang_read__"
@@ -32,6 +34,8 @@ def _hang_forever(*_args, **_kwargs):
 def drill_backend(path_for_messages, local_path, **kwargs):
     from .slides.openslide_backend import OpenSlideReader
 
+    if not watchdog.plugin_active(__name__):      # loaded by an earlier task of this reused worker: stay inert
+        return OpenSlideReader(path_for_messages, local_path, **kwargs)
     name = os.path.basename(str(local_path))
     if SEGV in name:
         os.kill(os.getpid(), signal.SIGSEGV)

@@ -282,12 +282,25 @@ class Guard:
         self._done(key)
 
 
+_active_plugins: frozenset[str] = frozenset()
+
+
 def load_plugins(names: str | None) -> None:
-    """Import the worker plugin modules named in ``names`` (comma-separated; see ``PLUGIN_ENV``)."""
+    """Import the worker plugin modules named in ``names`` (comma-separated; see ``PLUGIN_ENV``) and make exactly
+    these the active ones. Ray reuses worker processes across tasks, so a module imported for one run stays
+    imported: plugins must check ``plugin_active`` rather than act merely because they are loaded."""
     import importlib
 
-    for name in filter(None, (n.strip() for n in (names or "").split(","))):
+    global _active_plugins
+    wanted = [n for n in (n.strip() for n in (names or "").split(",")) if n]
+    for name in wanted:
         importlib.import_module(name)
+    _active_plugins = frozenset(wanted)
+
+
+def plugin_active(name: str) -> bool:
+    """Whether the current task asked for plugin module ``name`` (see ``load_plugins``)."""
+    return name in _active_plugins
 
 
 def ray_task_options(cfg: GuardConfig) -> dict[str, Any]:
@@ -301,5 +314,5 @@ def ray_task_options(cfg: GuardConfig) -> dict[str, Any]:
 
 
 __all__ = ["DEFAULT_MAX_CRASHES", "DEFAULT_SLIDE_TIMEOUT_S", "Guard", "GuardConfig", "PLUGIN_ENV", "SECONDS_PER_GIB",
-           "SlideLedger", "Watchdog", "beat", "process_watchdog", "ledger_report", "load_plugins", "make_ledger", "missing_reason",
+           "SlideLedger", "Watchdog", "beat", "process_watchdog", "ledger_report", "load_plugins", "plugin_active", "make_ledger", "missing_reason",
            "ray_task_options", "slide_timeout_s"]
