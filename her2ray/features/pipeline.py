@@ -44,7 +44,7 @@ from .embed import (STATUS_FAILED, STATUS_OK, STATUS_SKIPPED, EmbedConfig, embed
 from .assemble import NO_RESULT
 from .reading import TRANSPORTS
 from .schema import FEATURES_DIR, RUN_FILE
-from .stages import run_pipelined
+from .stages import fail_missing_slides, run_pipelined
 
 log = logging.getLogger(__name__)
 
@@ -436,13 +436,7 @@ def _run_actors(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, act
                 work_started = meter.t0 = time.perf_counter() - float(row.get("seconds") or 0.0)
             results[str(row["slide_id"])] = row
             meter.update(row)
-        missing = [r for r in todo if r["slide_id"] not in results]
-        if missing:                           # blocks dropped after the retry bound: say why, per slide
-            report = watchdog.ledger_report(ledger)
-            for r in missing:
-                results[r["slide_id"]] = status_row(
-                    r, STATUS_FAILED, error=watchdog.missing_reason(r["slide_id"], report, guard))
-                meter.update(results[r["slide_id"]])
+        fail_missing_slides(todo, results, ledger, guard, meter.update)
         if timing is not None and work_started is not None:
             timing["actor_startup_s"] = max(0.0, work_started - t_start)
             timing["embed_s"] = time.perf_counter() - work_started

@@ -122,6 +122,21 @@ def provenance_of(cfg: EmbedConfig, device: str, forward_rows: int, torch_thread
     return {**prov, "torch_threads": torch_threads if device_type == "cpu" else None}
 
 
+def fail_missing_slides(todo, results: dict[str, dict[str, Any]], ledger, guard, update) -> None:
+    """Give every slide of ``todo`` that returned no row a failed row saying why (crash budget spent, timed out,
+    no result): blocks Ray dropped after the retry bound must not vanish from the catalog."""
+    from .. import watchdog
+
+    missing = [r for r in todo if r["slide_id"] not in results]
+    if not missing:
+        return
+    report = watchdog.ledger_report(ledger)
+    for r in missing:
+        results[r["slide_id"]] = status_row(r, STATUS_FAILED,
+                                            error=watchdog.missing_reason(r["slide_id"], report, guard))
+        update(results[r["slide_id"]])
+
+
 def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, actors: dict[str, Any],
                   encoder_settings: Mapping[str, Any], *, progress, transport: str = "auto",
                   num_readers: int | None = None, max_inflight_mb: float | None = None,
@@ -215,13 +230,7 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
         for row in assembler.finish():
             results[row["slide_id"]] = row
             progress.update(row)
-        missing = [r for r in todo if r["slide_id"] not in results]
-        if missing:                           # blocks dropped after the retry bound: say why, per slide
-            report = watchdog.ledger_report(ledger)
-            for r in missing:
-                results[r["slide_id"]] = status_row(
-                    r, STATUS_FAILED, error=watchdog.missing_reason(r["slide_id"], report, guard))
-                progress.update(results[r["slide_id"]])
+        fail_missing_slides(todo, results, ledger, guard, progress.update)
     finally:
         ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.execution_options.resource_limits = saved
     end = time.perf_counter()
