@@ -76,8 +76,14 @@ class _LocalBackend:
         current = self.read()
         if current is None or current[1] != token:
             raise LeaseConflict("lease changed")
-        storage.write_bytes_atomic(self.path, data)
+        self._write(data)
         return _nonce(data)
+
+    def _write(self, data: bytes) -> None:
+        storage.write_bytes_atomic(self.path, data)
+
+    def _remove(self) -> None:
+        os.unlink(self.path)
 
     def take_over(self, data: bytes, token: str) -> str | None:
         private = f"{self.path}.takeover-{uuid.uuid4().hex[:8]}"
@@ -100,7 +106,7 @@ class _LocalBackend:
     def delete(self, token: str) -> None:
         current = self.read()
         if current is not None and current[1] == token:
-            os.unlink(self.path)
+            self._remove()
 
 
 class _S3Backend:
@@ -175,23 +181,17 @@ class _PlainBackend(_LocalBackend):
             return None
         return _parse(data), _nonce(data)
 
-    def replace(self, data: bytes, token: str) -> str:
-        current = self.read()
-        if current is None or current[1] != token:
-            raise LeaseConflict("lease changed")
+    def _write(self, data: bytes) -> None:
         storage.write_bytes_atomic(self.url, data, self.storage_options)
-        return _nonce(data)
+
+    def _remove(self) -> None:
+        storage.remove(self.url, self.storage_options)
 
     def take_over(self, data: bytes, token: str) -> str | None:
         try:
             return self.replace(data, token)
         except LeaseConflict:
             return None
-
-    def delete(self, token: str) -> None:
-        current = self.read()
-        if current is not None and current[1] == token:
-            storage.remove(self.url, self.storage_options)
 
 
 def _precondition_failed(exc: BaseException) -> bool:
