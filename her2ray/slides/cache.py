@@ -32,6 +32,7 @@ import uuid
 from dataclasses import dataclass
 
 from .. import storage
+from ..heartbeat import pid_alive
 from ..errors import SlideNotFoundError, SlideReadError
 from .formats import SlideFileSet, slide_files
 
@@ -232,7 +233,7 @@ class SlideCache:
                 pid = int(parts[-3])
             except (IndexError, ValueError):
                 continue
-            if not _pid_alive(pid):
+            if not pid_alive(pid):
                 _remove(os.path.join(self.tmp_dir, name))
 
     # ---- inspection ---------------------------------------------------------------------------
@@ -297,16 +298,6 @@ def _touch(path: str) -> None:
         os.utime(path)
     except OSError:
         pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 _DEFAULT: SlideCache | None = None
