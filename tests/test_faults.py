@@ -22,21 +22,6 @@ from her2ray.features.embed import EmbedConfig
 #: committed by the driver that gets killed (kept to one engine: the test-time budget)
 ENGINES = ("slide", "pipelined")
 
-TINY_CFG = {"embed_dim": 16, "quick_gelu": True,
-            "vision_cfg": {"image_size": 64, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16}}
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory) -> str:
-    import torch
-    from open_clip.model import _build_vision_tower
-
-    from her2ray.encoders import write_open_clip_dir
-
-    torch.manual_seed(7)
-    tower = _build_vision_tower(TINY_CFG["embed_dim"], TINY_CFG["vision_cfg"], quick_gelu=True)
-    return write_open_clip_dir(tower.state_dict(), TINY_CFG, str(tmp_path_factory.mktemp("tiny_enc")))
-
 
 @pytest.fixture(scope="module")
 def drill_slides(tmp_path_factory) -> dict[str, str]:
