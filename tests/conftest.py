@@ -49,6 +49,17 @@ def shared_data() -> Path:
     return path
 
 
+@pytest.fixture
+def one_torch_thread():
+    """2 shared cores: intra-op threads only add contention for these tiny models."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def cmu_small_region(shared_data) -> Path:
     """Real Aperio slide: 2220 x 2967 px, 0.499 um/px, one level."""

@@ -12,7 +12,6 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from her2ray.cli import main
 from her2ray.errors import ConfigError
@@ -29,12 +28,7 @@ MODEL = {"kat": dict(dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64, npk=8, l
          "slidegraph": dict(lr=3e-3, weight_decay=1e-4, aug_rate=0.0, graph_lambda_f=0.1)}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _two_cohorts(manifest: str, folder) -> tuple[str, str]:

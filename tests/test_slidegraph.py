@@ -18,12 +18,7 @@ from her2ray.training.synthetic import make_feature_store
 SG = dict(model="slidegraph", lr=3e-3, weight_decay=1e-4, aug_rate=0.0, batch_size=8, graph_lambda_f=0.1)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_clusters_follow_space_and_features_and_edges_respect_the_cut():

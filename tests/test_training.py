@@ -38,13 +38,7 @@ def only_train_stage(monkeypatch):
     monkeypatch.setattr(cli, "STAGES", ("train",))
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """2 shared cores: intra-op threads only add contention for these tiny models."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
