@@ -78,16 +78,20 @@ def _slide(folder: str, name: str, px: int, mpp: float, step: int, seed: int) ->
     return make_big_slide(os.path.join(folder, f"{name}.tiff"), px, px, seed=seed, mpp=mpp, level_step=step)
 
 
-def run_engine(engine: str, rows: list[dict], store: str, cfg, opts: dict) -> dict:
+def run_engine(name: str, rows: list[dict], store: str, cfg, opts: dict) -> dict:
+    """One engine run; ``name`` is ``slide``, ``pipelined`` or ``pipelined:<tile transport>``."""
     from her2ray.features.pipeline import embed_slides
 
+    engine, _, transport = name.partition(":")
+    if transport:
+        opts = {**opts, "tile_transport": transport}
     t0 = time.perf_counter()
     summary = embed_slides(rows, store, cfg, engine=engine, progress=False, **opts)
     wall = time.perf_counter() - t0
     if summary.n_failed:
         raise RuntimeError(f"{engine}: {summary.n_failed} slides failed: {summary.failed[:3]}")
     st = dict(summary.stages)
-    out = {**st, "engine": engine, "tiles": summary.n_tiles_embedded, "seconds": round(wall, 3),
+    out = {**st, "engine": name, "tiles": summary.n_tiles_embedded, "seconds": round(wall, 3),
            "tiles_per_s": round(summary.n_tiles_embedded / wall, 1)}
     loops = st.get("encoder_loops") or {}
     if loops:   # encoder clock: from each loop's first forward to its last, actor start-up excluded
@@ -107,19 +111,22 @@ def run_engine(engine: str, rows: list[dict], store: str, cfg, opts: dict) -> di
 
 def reader_costs(path: str, n_tiles: int = 256) -> dict:
     """Single-thread CPU ms per tile (process CPU time, robust to a loaded box) of each read path on one slide:
-    the reference reader (decode + CPU resize), the pipelined readers (pixels at the read level; compressed
-    tiles: pread only) and the device-side work done here on the CPU (decode + assemble + box downscale)."""
+    the reference reader (decode + CPU resize), the pipelined readers (pixels at the read level; 1/2-scale DCT
+    decode straight to tile size, 40x only; compressed tiles: pread only) and the device-side work done here on
+    the CPU (decode + assemble + box downscale)."""
     import torch
 
     from her2ray.encoders.device_tiles import box_downscale, decode_jpeg_payloads
     from her2ray.slides import open_slide
     from her2ray.tiling import TilingConfig, plan_tiles, read_tiles
     from her2ray.tiling.jpeg_payload import jpeg_layout, jpeg_payloads
+    from her2ray.tiling.scaled_read import dct_scale, scaled_tiles
 
     torch.set_num_threads(1)
     with open_slide(path) as reader:
         grid = plan_tiles(reader, TilingConfig(), keep_mask=False)
         layout = jpeg_layout(reader, grid)
+        scale = dct_scale(reader, grid)
         idx = np.arange(min(n_tiles, len(grid)))
         payloads = jpeg_payloads(reader, grid, layout, idx) if layout is not None else None
     out = {"tiles": len(idx), "read_px": int(grid.read_px), "level": int(grid.level)}
@@ -136,6 +143,8 @@ def reader_costs(path: str, n_tiles: int = 256) -> dict:
     out["reference_read_resize_ms"] = cpu_ms(lambda r: read_tiles(r, grid, idx, num_workers=1))
     out["rgb_payload_ms"] = cpu_ms(lambda r: [t.tobytes() for t in read_tiles(r, grid, idx, num_workers=1,
                                                                                resize=False)])
+    if scale:
+        out["scaled_payload_ms"] = cpu_ms(lambda r: [t.tobytes() for t in scaled_tiles(r, grid, scale, idx)])
     if layout is not None:
         out["jpeg_payload_ms"] = cpu_ms(lambda r: jpeg_payloads(r, grid, layout, idx))
         cpu = torch.device("cpu")
@@ -154,26 +163,31 @@ def check_equivalence(cfg, folder: str, px: int) -> dict:
     from her2ray.features.fast_engine import embed_rows_local
     from her2ray.features.schema import feature_url, read_slide_features
     from her2ray.synth import write_synthetic_slide
+    from her2ray.tiling import TilingConfig
 
     enc = load_engine_encoder(cfg)
     s40 = write_synthetic_slide(os.path.join(folder, "check40.tiff"), px, px, mpp=0.25, seed=5, level_step=4)
     svs = str(Path(__file__).resolve().parents[2] / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs")
     report = {"decoder_selftest": jpeg_rgb_selftest(enc.device), "device": str(enc.device)}
     loop = EncodeLoop(enc)
-    for name, path in (("synthetic-40x", s40), ("svs", svs)):
+    cases = (("synthetic-40x", s40, None, cfg, "auto"), ("synthetic-40x-jpeg", s40, None, cfg, "jpeg"),
+             ("svs", svs, None, cfg, "auto"),
+             ("svs-2x", svs, 0.5, cfg.model_copy(update={"tiling": TilingConfig(target_mpp=1.0)}), "auto"))
+    for name, path, mpp, ccfg, transport in cases:
         if not os.path.exists(path):
             report[name] = "missing"
             continue
-        row = {"slide_id": name, "path": path}
+        row = {"slide_id": name, "path": path, **({"mpp": mpp} if mpp else {})}
         os.environ["HER2RAY_FAST_TIFF"] = "0"
-        embed_slide(row, enc, cfg, os.path.join(folder, "ref"))
+        embed_slide(row, enc, ccfg, os.path.join(folder, "ref"))
         os.environ.pop("HER2RAY_FAST_TIFF")
-        embed_rows_local([row], loop, cfg, os.path.join(folder, "new"))
+        embed_rows_local([row], loop, ccfg, os.path.join(folder, "new"), transport=transport)
         a = read_slide_features(feature_url(os.path.join(folder, "ref"), name))
         b = read_slide_features(feature_url(os.path.join(folder, "new"), name))
         cos = (a.features * b.features).sum(1) / np.linalg.norm(a.features, axis=1) / np.linalg.norm(b.features, axis=1)
         report[name] = {"tiles": len(a.x), "coords_equal": bool(np.array_equal(a.coords, b.coords)),
-                        "min_cosine": float(cos.min()), "transport": b.meta.extra["transport"]}
+                        "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()),
+                        "transport": b.meta.extra["transport"]}
         print(f"check {name}: {report[name]}", flush=True)
     loop.close()
     return report
@@ -191,7 +205,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stand-in", action="store_true", help="tiny open_clip tower instead of PLIP")
     ap.add_argument("--precision", default=None)
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--engines", default="pipelined,slide")
+    ap.add_argument("--engines", default="pipelined,slide",
+                    help="comma list of slide | pipelined | pipelined:<tile transport> (auto, scaled, jpeg, rgb); "
+                         "ratios are the first run over the 'slide' run")
     ap.add_argument("--num-readers", type=int, default=None)
     ap.add_argument("--check", action="store_true", help="equivalence check on this device first")
     ap.add_argument("--slides-dir", default=None, help="keep generated slides here (default: a temp folder)")
@@ -243,12 +259,13 @@ def main(argv=None) -> int:
         if steady:
             per_slide = n_tiles / len(rows)
             r["projection_1000_slides_min"] = round((1000 * per_slide / steady + (r.get("first_slide_s") or 0)) / 60, 1)
-    if len(runs) == 2 and runs[1]["tiles_per_s"]:
-        results["ratio_wall"] = round(runs[0]["tiles_per_s"] / runs[1]["tiles_per_s"], 3)
-        s0, s1 = runs[0].get("steady_tiles_per_s"), runs[1].get("steady_tiles_per_s")
+    ref = next((r for r in runs if r["engine"] == "slide"), None)
+    if ref is not None and runs[0] is not ref and ref["tiles_per_s"]:
+        results["ratio_wall"] = round(runs[0]["tiles_per_s"] / ref["tiles_per_s"], 3)
+        s0, s1 = runs[0].get("steady_tiles_per_s"), ref.get("steady_tiles_per_s")
         results["ratio_steady"] = round(s0 / s1, 3) if s0 and s1 else None
-        print(f"\npipelined / slide: {results['ratio_wall']:.2f}x wall, {results['ratio_steady']}x steady state "
-              f"({results['device']}, Ray start-up {results['ray_start_s']:.1f} s not included)")
+        print(f"\n{runs[0]['engine']} / slide: {results['ratio_wall']:.2f}x wall, {results['ratio_steady']}x steady "
+              f"state ({results['device']}, Ray start-up {results['ray_start_s']:.1f} s not included)")
     for r in runs:
         if "projection_1000_slides_min" in r:
             print(f"{r['engine']}: 1,000 slides x {n_tiles / len(rows):.0f} tiles -> {r['projection_1000_slides_min']} min")

@@ -85,24 +85,71 @@ def test_jpeg_payloads_decode_to_the_readers_pixels(slide40x, cmu_small_region):
         np.testing.assert_array_equal(g.permute(1, 2, 0).numpy(), r)
 
 
-@pytest.mark.parametrize("case", ["synthetic-40x", "svs-native", "svs-1.0mpp"])
+def test_dct_scaled_reads_match_decode_plus_box_resize(slide40x, cmu_small_region):
+    """1/2-scale DCT decode vs the reference (full decode + PIL box resize): close, not equal; and only where
+    every tile lines up (origin and file tiles divisible by the scale, exact 2x read, inside the level)."""
+    from her2ray.tiling.scaled_read import dct_scale, scaled_tiles
+
+    for path, mpp, target, bound in ((slide40x, None, 0.5, 0.9), (str(cmu_small_region), 0.5, 1.0, 0.6)):
+        with open_slide(path, mpp_override=mpp) as reader:
+            grid = plan_tiles(reader, TilingConfig(target_mpp=target), keep_mask=False)
+            assert dct_scale(reader, grid) == 2 and grid.read_px == 512
+            pick = np.arange(min(12, len(grid)))
+            got = scaled_tiles(reader, grid, 2, pick)
+            ref = read_tiles(reader, grid, pick)                      # decode at 512 px + PIL BOX to 256
+            diff = np.abs(got.astype(np.int16) - ref)
+            assert got.shape == ref.shape == (len(pick), 256, 256, 3)
+            assert 0 < diff.mean() < bound and np.percentile(diff, 99) <= 4 and diff.max() <= 24, (path, diff.mean())
+            src = reader.jpeg_tiles(0)
+            with pytest.raises(ValueError, match="cannot be decoded at 1/2"):
+                src.read(0, 1, 0, 512, 512, scale=2)                  # odd origin: not whole half-pixels
+            assert not src.can_scale(0, 3)
+    with open_slide(str(cmu_small_region)) as reader:                  # 0.499 um/px -> 513 px reads: no
+        grid = plan_tiles(reader, TilingConfig(target_mpp=1.0), keep_mask=False)
+        assert grid.read_px == 513 and dct_scale(reader, grid) is None
+
+
+def test_transport_preference_and_route_choice(slide40x):
+    from her2ray.features.reading import choose_kind, transport_preference
+
+    assert transport_preference("auto", "cuda") == ("scaled", "jpeg", "rgb")
+    assert transport_preference("auto", "cpu") == ("scaled", "rgb")
+    assert transport_preference("rgb", "cuda") == ("rgb",)
+    with pytest.raises(ValueError, match="tile transport must be one of"):
+        transport_preference("nvjpeg", "cuda")
+    with open_slide(slide40x) as reader:
+        grid = plan_tiles(reader, TilingConfig(), keep_mask=False)
+        layout = jpeg_layout(reader, grid)
+    assert choose_kind(grid, layout, 2, ("scaled", "jpeg", "rgb"), stain=False) == ("rgb", 256, 2)
+    assert choose_kind(grid, layout, 2, ("jpeg", "rgb"), stain=False) == ("jpeg", 512, 1)
+    assert choose_kind(grid, layout, None, ("scaled", "rgb"), stain=False) == ("rgb", 512, 1)
+    assert choose_kind(grid, layout, 2, ("scaled", "rgb"), stain=True) == ("rgb", 256, 1)   # CPU path, as before
+
+
+@pytest.mark.parametrize("case", ["synthetic-40x", "synthetic-40x-jpeg", "svs-native", "svs-1.0mpp", "svs-2x",
+                                  "svs-40x-snapped"])
 def test_pipelined_features_equal_reference_engine(case, tmp_path, slide40x, cmu_small_region, tiny_encoder,
                                                    monkeypatch):
     """New path vs today's reference (OpenSlide read, CPU resize): same tiles, cosine >= 0.9999 per tile."""
-    path, tiling, kind, downscale = {
-        "synthetic-40x": (slide40x, TilingConfig(), "jpeg", "device-box"),
-        "svs-native": (str(cmu_small_region), TilingConfig(), "rgb", "none"),
-        "svs-1.0mpp": (str(cmu_small_region), TilingConfig(target_mpp=1.0), "rgb", "device-box"),
+    path, tiling, transport, mpp, kind, downscale = {
+        "synthetic-40x": (slide40x, TilingConfig(), "auto", None, "rgb", "dct-1/2"),
+        "synthetic-40x-jpeg": (slide40x, TilingConfig(), "jpeg", None, "jpeg", "device-box"),
+        "svs-native": (str(cmu_small_region), TilingConfig(), "auto", None, "rgb", "none"),
+        "svs-1.0mpp": (str(cmu_small_region), TilingConfig(target_mpp=1.0), "auto", None, "rgb", "device-box"),
+        # 240 px RGB-coded Aperio tiles read at exactly 2x: DCT-scaled decode of tiles that straddle file tiles
+        "svs-2x": (str(cmu_small_region), TilingConfig(target_mpp=1.0), "auto", 0.5, "rgb", "dct-1/2"),
+        # a 0.252 um/px "40x" scan: 508 px reads by default (rgb route); snapped to 512 -> DCT-scaled
+        "svs-40x-snapped": (str(cmu_small_region), TilingConfig(snap_read_px=True), "auto", 0.252, "rgb", "dct-1/2"),
     }[case]
     cfg = EmbedConfig(encoder="open_clip", weights=tiny_encoder, batch_size=8, tiling=tiling)
     enc = load_engine_encoder(cfg)
-    row = {"slide_id": "s", "path": path}
+    row = {"slide_id": "s", "path": path, **({"mpp": mpp} if mpp else {})}
     monkeypatch.setenv("HER2RAY_FAST_TIFF", "0")                          # the reference reads through OpenSlide
     assert embed_slide(row, enc, cfg, str(tmp_path / "ref"))["status"] == "ok"
     monkeypatch.delenv("HER2RAY_FAST_TIFF")
     loop = EncodeLoop(enc, rows=8)
     try:
-        st = embed_rows_local([row], loop, cfg, str(tmp_path / "new"))[0]
+        st = embed_rows_local([row], loop, cfg, str(tmp_path / "new"), transport=transport)[0]
     finally:
         loop.close()
     ref = read_slide_features(feature_url(str(tmp_path / "ref"), "s"))
@@ -114,6 +161,7 @@ def test_pipelined_features_equal_reference_engine(case, tmp_path, slide40x, cmu
     assert cos.min() >= 0.9999, cos.min()
     t = new.meta.extra["transport"]
     assert (t["kind"], t["downscale"]) == (kind, downscale) and t["decoder"].startswith("libjpeg-turbo")
+    assert (t["reader_decoder"] or "").startswith("libjpeg-turbo DCT") == downscale.startswith("dct")
     assert new.meta.extra["engine"] == "pipelined" and new.meta.settings_key() == ref.meta.settings_key()
     assert loop.stats.padded_rows == loop.stats.forwards * 8 - loop.stats.rows
 

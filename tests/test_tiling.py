@@ -80,6 +80,22 @@ def test_choose_level_rules():
     assert (c.level, c.read_px) == (0, 128)
 
 
+def test_snap_read_px_rounds_40x_reads_to_exact_power_of_two_sizes():
+    """Real 40x scans are 0.2465-0.2527 um/px: by default they read 519-507 px per 0.5 um/px tile; with snap
+    every one within the 2 % tolerance reads exactly 512 (the DCT-scalable size); others are unchanged."""
+    pyr = (1.0, 4.0, 16.0)
+    for mpp, plain in ((0.252, 508), (0.2527, 507), (0.2465, 519), (0.25, 512)):
+        assert choose_level(pyr, mpp, 0.5, 256).read_px == plain
+        c = choose_level(pyr, mpp, 0.5, 256, snap=True)
+        assert (c.level, c.read_px, c.tile_size_level0_px()) == (0, 512, 512.0), mpp
+    assert choose_level(pyr, 0.22, 0.5, 256, snap=True).read_px == 582      # 0.44 / 0.5: 12 % off -> no snap
+    assert choose_level((1.0,), 0.1245, 1.0, 256, snap=True).read_px == 2048  # 8x
+    c = choose_level(pyr, 0.1245, 1.0, 256, snap=True)                      # the coarsest fine-enough level first
+    assert (c.level, c.read_px) == (1, 512)
+    assert choose_level((1.0, 2.0), 0.252, 0.5, 256, snap=True).read_px == 256   # a matching level wins
+    assert choose_level((1.0,), 0.499, 1.0, 256, snap=True).read_px == 512  # CMU at 1.0 um/px: 513 -> 512
+
+
 def test_level_choice_on_slide_reads_level_1(slide_025):
     with open_slide(slide_025) as s:
         grid = plan_tiles(s, TilingConfig(target_mpp=0.5, tile_px=256))
@@ -206,3 +222,15 @@ def test_stopping_batches_early_leaves_no_read_in_flight(cmu_small_region, cmu_g
         assert idx.tolist() == [0, 1, 2, 3] and batch.shape == (4, 256, 256, 3)
         batches.close()  # joins the prefetch thread before the slide is closed
     assert s.closed
+
+
+def test_feature_files_written_before_snap_read_px_existed_still_resume():
+    from her2ray.features.embed import meta_resume_key, resume_key
+    from her2ray.features.schema import FeatureFileMeta
+
+    enc = {"name": "plip", "weights": "x"}
+    old_tiling = {k: v for k, v in TilingConfig().to_dict().items() if k != "snap_read_px"}
+    meta = FeatureFileMeta(slide_id="s", encoder=enc, tile_px=256, target_mpp=0.5, slide_mpp=0.25, level=0,
+                           tile_size_level0_px=512.0, extra={"tiling": old_tiling})
+    assert meta_resume_key(meta) == resume_key(enc, TilingConfig())
+    assert meta_resume_key(meta) != resume_key(enc, TilingConfig(snap_read_px=True))

@@ -38,6 +38,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=float, default=None, help="target microns per pixel of the tiles (default 0.5)")
     p.add_argument("--tile-px", type=int, default=None, help="tile edge in pixels at --mpp (default 256)")
     p.add_argument("--min-tissue", type=float, default=None, help="minimum tissue fraction of a tile (default 0.25)")
+    p.add_argument("--snap-read-px", action="store_true", default=None,
+                   help="read exactly 2x/4x/8x --tile-px when within 2%% of --mpp (a 0.252 um/px 40x scan: 512 px "
+                        "reads, 0.504 um/px tiles), so the pipelined engine decodes 40x scans at 1/2 in the DCT "
+                        "domain (the fast path); part of the tiling settings and the resume key")
     p.add_argument("--stain-normalization", default=None, choices=["none", "macenko", "reinhard"],
                    help="normalise tile stains before encoding (default none); recorded in every feature file")
     p.add_argument("--mpp-from-magnification", action="store_true", default=None,
@@ -57,12 +61,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="pipelined: CPU reader tasks several slides ahead feed encoder actors that take tiles of any "
                         "slide; slide: the reference engine, one slide per actor call; auto (default): pipelined "
                         "when the encoder actors get GPUs, slide on CPU-only clusters")
-    p.add_argument("--tile-transport", default=None, choices=["auto", "jpeg", "rgb"],
-                   help="pipelined engine: how tiles travel to the encoder. jpeg: compressed JPEG file tiles "
+    p.add_argument("--tile-transport", default=None, choices=["auto", "jpeg", "rgb", "scaled"],
+                   help="pipelined engine: how tiles travel to the encoder. scaled: readers decode 40x-style "
+                        "tiles (read level exactly 2x/4x/8x finer than the target) at 1/2 (1/4, 1/8) in the DCT "
+                        "domain, so they arrive at tile size with no resize; jpeg: compressed JPEG file tiles "
                         "when the slide's tiles line up with the grid (decoded, assembled and downscaled on the "
-                        "encoder's device: nvJPEG on a GPU), else decoded pixels; rgb: always decoded pixels; "
-                        "auto (default): jpeg when the encoder actors have GPUs, else rgb. "
-                        "Downscaling (e.g. 40x slides read at level 0) always happens on the encoder's device")
+                        "encoder's device: nvJPEG on a GPU); rgb: decoded pixels at the read level, downscaled on "
+                        "the encoder's device. Slides a route cannot serve fall back to rgb. auto (default): "
+                        "scaled, then jpeg on GPU actors, then rgb")
     p.add_argument("--num-readers", type=int, default=None,
                    help="pipelined engine: concurrent reader tasks (default: cluster CPUs not used by encoders)")
     p.add_argument("--max-inflight-mb", type=float, default=None,
@@ -100,7 +106,8 @@ def build_config(args) -> tuple[Any, dict[str, Any]]:
         data = yaml_section(args.config, "embed")
     ray_opts = {k: data.pop(k) for k in RAY_KEYS if k in data}
     tiling = dict(data.pop("tiling", None) or {})
-    for flag, key in (("mpp", "target_mpp"), ("tile_px", "tile_px"), ("min_tissue", "min_tissue")):
+    for flag, key in (("mpp", "target_mpp"), ("tile_px", "tile_px"), ("min_tissue", "min_tissue"),
+                      ("snap_read_px", "snap_read_px")):
         if getattr(args, flag) is not None:
             tiling[key] = getattr(args, flag)
     flags = {"encoder": args.encoder, "weights": args.weights, "precision": args.precision,

@@ -21,6 +21,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tile-px", type=int, default=None, help="tile edge in pixels at --mpp (default 256)")
     p.add_argument("--min-tissue", type=float, default=None,
                    help="drop tiles whose tissue fraction is below this (default 0.25)")
+    p.add_argument("--snap-read-px", action="store_true", default=None,
+                   help="read exactly 2x/4x/8x --tile-px when within 2%% of --mpp (see her2ray embed --help)")
     p.add_argument("--mpp-override", type=float, default=None,
                    help="the slide's level-0 microns per pixel, when the file lacks or misstates it")
     p.add_argument("--mpp-from-magnification", action="store_true",
@@ -34,7 +36,8 @@ def add_parser(subparsers) -> None:
 
 def _config(args: argparse.Namespace) -> TilingConfig:
     base = TilingConfig.from_yaml(args.config, section="tiling").to_dict() if args.config else {}
-    flags = {"target_mpp": args.mpp, "tile_px": args.tile_px, "min_tissue": args.min_tissue}
+    flags = {"target_mpp": args.mpp, "tile_px": args.tile_px, "min_tissue": args.min_tissue,
+             "snap_read_px": args.snap_read_px}
     base.update({k: v for k, v in flags.items() if v is not None})
     return TilingConfig.from_mapping(base, source="her2ray tile flags")
 

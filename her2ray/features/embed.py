@@ -99,8 +99,12 @@ def resume_key(encoder_settings: Mapping[str, Any], tiling: TilingConfig | Mappi
 
 
 def meta_resume_key(meta: FeatureFileMeta) -> dict[str, Any]:
-    """``resume_key`` of an existing file, from its metadata."""
-    return {**meta.settings_key(), "tiling": (meta.extra or {}).get("tiling")}
+    """``resume_key`` of an existing file, from its metadata. Tiling keys added since the file was written
+    (e.g. ``snap_read_px``) take their defaults, which is how that file was made: upgrading keeps a store."""
+    tiling = (meta.extra or {}).get("tiling")
+    if isinstance(tiling, Mapping):
+        tiling = {**TilingConfig().to_dict(), **tiling}
+    return {**meta.settings_key(), "tiling": tiling}
 
 
 def _torch_threads(device) -> int | None:

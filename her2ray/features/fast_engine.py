@@ -64,7 +64,7 @@ def embed_rows_local(rows: Sequence[Mapping[str, Any]], loop: EncodeLoop, cfg: E
     statuses: list[dict[str, Any]] = []
     chunk = int(chunk_tiles or loop.rows)
     for row in rows:
-        for unit in plan_slide(row, cfg, transport=transport):
+        for unit in plan_slide(row, cfg, transport=transport, device_type=loop.device.type):
             for cols in read_unit(unit, cfg, chunk_tiles=chunk):
                 assembler.add(encode_chunk(loop, cols, cfg.tiling.tile_px))
         statuses.extend(assembler.poll())

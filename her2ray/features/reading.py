@@ -5,6 +5,9 @@
 * ``jpeg``: the compressed file tiles under each grid tile (``tiling.jpeg_payload``), decoded, assembled and
   downscaled on the encoder's device: the CPU only ``pread``s. Used when every tile lines up with the file's
   JPEG tiles and the transport setting allows it;
+* ``scaled``: tiles whose read level is exactly 2x (4x, 8x) finer than the target are decoded by the reader
+  at 1/2 (1/4, 1/8) in the DCT domain (``tiling.scaled_read``): pixels arrive at ``tile_px``, with no
+  full-size decode and no resize anywhere. The first choice for 40x slides;
 * ``rgb``: decoded pixels at the read level (OpenSlide or the direct TIFF decoder), ``read_px`` square; when
   the read level is finer than the target the downscale still happens on the device, not on the CPU. Tiles
   that need upsampling (a slide coarser than the target) and stain-normalised tiles are finished on the CPU
@@ -28,12 +31,15 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from ..errors import SlideError
+from ..slides.tiff_tiles import scaled_decoder_name
 from ..tiling import TileGrid
 from ..tiling.jpeg_payload import JpegLayout, jpeg_layout, jpeg_payloads
+from ..tiling.scaled_read import dct_scale, scaled_tiles
 from .embed import EmbedConfig, _mpp_override, _mpp_provenance, _write_qc
 
-TRANSPORTS = ("auto", "jpeg", "rgb")
+TRANSPORTS = ("auto", "jpeg", "rgb", "scaled")
 KIND_RGB, KIND_JPEG, KIND_ERROR = "rgb", "jpeg", "error"
+SCALED = "scaled"
 #: a chunk of raw pixels stays under this size (object store blocks of ~128 MiB at most)
 CHUNK_BYTES = 64 * 1024**2
 CHUNK_COLUMNS = ("slide_id", "tile_index", "n_tiles", "x", "y", "tissue_fraction", "kind", "src_px", "jpeg_k",
@@ -51,6 +57,7 @@ class ReadUnit:
     kind: str = KIND_RGB
     src_px: int = 0
     layout: JpegLayout | None = None
+    scale: int = 1                     # > 1: decoded at 1/scale in the DCT domain (the ``scaled`` transport)
     info: dict | None = None           # slide provenance, carried by the unit holding tile 0
     error: str | None = None
     seconds: float = 0.0
@@ -78,15 +85,29 @@ def _failure(row: Mapping[str, Any], exc: BaseException) -> str:
     return f"unexpected {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}".strip()
 
 
-def choose_kind(grid: TileGrid, layout: JpegLayout | None, transport: str, stain: bool) -> tuple[str, int]:
-    """(payload kind, payload tile px) for a slide (see the module docstring)."""
+def transport_preference(transport: str, device_type: str) -> tuple[str, ...]:
+    """The payload routes to try, best first, for a ``--tile-transport`` on a device type.
+
+    ``auto``: DCT-scaled reads first (the cheapest 40x route on any machine: ~0.6 ms of reader CPU per tile
+    against ~4 nvJPEG decodes of full tiles), then compressed tiles where a GPU decodes them, then pixels."""
     if transport not in TRANSPORTS:
         raise ValueError(f"tile transport must be one of {TRANSPORTS}, got {transport!r}")
+    if transport == "auto":
+        return (SCALED, KIND_JPEG, KIND_RGB) if device_type == "cuda" else (SCALED, KIND_RGB)
+    return (transport, KIND_RGB) if transport != KIND_RGB else (KIND_RGB,)
+
+
+def choose_kind(grid: TileGrid, layout: JpegLayout | None, scale: int | None, prefer: tuple[str, ...],
+                stain: bool) -> tuple[str, int, int]:
+    """(payload kind, payload tile px, DCT decode scale) for a slide (see the module docstring)."""
     if stain or grid.read_px < grid.tile_px:
-        return KIND_RGB, int(grid.tile_px)                 # finished on the CPU, like the reference
-    if layout is not None and transport in ("auto", "jpeg"):
-        return KIND_JPEG, int(grid.read_px)
-    return KIND_RGB, int(grid.read_px)
+        return KIND_RGB, int(grid.tile_px), 1              # finished on the CPU, like the reference
+    for route in prefer:
+        if route == SCALED and scale:
+            return KIND_RGB, int(grid.tile_px), int(scale)
+        if route == KIND_JPEG and layout is not None:
+            return KIND_JPEG, int(grid.read_px), 1
+    return KIND_RGB, int(grid.read_px), 1
 
 
 def unit_row(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -94,7 +115,7 @@ def unit_row(row: Mapping[str, Any]) -> dict[str, Any]:
     return {"slide_id": str(row["slide_id"]), "path": str(row["path"]), "mpp": _mpp_override(row)}
 
 
-def plan_slide(row: Mapping[str, Any], cfg: EmbedConfig, *, transport: str = "auto",
+def plan_slide(row: Mapping[str, Any], cfg: EmbedConfig, *, transport: str = "auto", device_type: str = "cpu",
                unit_tiles: int = 4096) -> list[ReadUnit]:
     """Open + plan one manifest row; the read units of its tiles (one failed unit when that fails)."""
     from ..slides import open_slide
@@ -110,11 +131,13 @@ def plan_slide(row: Mapping[str, Any], cfg: EmbedConfig, *, transport: str = "au
             beat("planning tissue tiles")
             grid = plan_tiles(reader, cfg.tiling, keep_mask=cfg.qc_dir is not None)
             layout = jpeg_layout(reader, grid)
+            scale = dct_scale(reader, grid)
             mpp_info = _mpp_provenance(reader, row["slide_id"])
             if cfg.qc_dir:                                  # the slide's QC picture, drawn where it is planned
                 _write_qc(reader, grid, cfg, row["slide_id"])
                 grid.mask = None
-        kind, src_px = choose_kind(grid, layout, transport, cfg.stain_normalization is not None)
+        kind, src_px, scale = choose_kind(grid, layout, scale, transport_preference(transport, device_type),
+                                          cfg.stain_normalization is not None)
     except Exception as exc:  # noqa: BLE001 - one bad slide must not stop a cohort; the reason is kept
         return [ReadUnit(row=row, n_tiles=0, error=_failure(row, exc), seconds=time.perf_counter() - t0)]
     seconds = time.perf_counter() - t0
@@ -124,14 +147,17 @@ def plan_slide(row: Mapping[str, Any], cfg: EmbedConfig, *, transport: str = "au
             "mpp": mpp_info,
             "transport": {"kind": kind, "payload_px": src_px,
                           "jpeg_layout": None if kind != KIND_JPEG else layout.to_dict(),
-                          "downscale": "device-box" if src_px > grid.tile_px else "none"},
+                          "downscale": (f"dct-1/{scale}" if scale > 1 else
+                                        "device-box" if src_px > grid.tile_px else "none"),
+                          "reader_decoder": scaled_decoder_name() if scale > 1 else None},
             "plan_s": round(seconds, 4)}
     n = len(grid)
     units = []
     for s in range(0, n, max(1, int(unit_tiles))):
         part = grid.subset(np.arange(s, min(n, s + unit_tiles)))
         units.append(ReadUnit(row=row, n_tiles=n, start=s, grid=part, kind=kind, src_px=src_px,
-                              layout=layout if kind == KIND_JPEG else None, info=info if s == 0 else None,
+                              layout=layout if kind == KIND_JPEG else None, scale=scale,
+                              info=info if s == 0 else None,
                               seconds=seconds if s == 0 else 0.0))
     return units
 
@@ -165,6 +191,8 @@ def read_unit(unit: ReadUnit, cfg: EmbedConfig, *, chunk_tiles: int = 256) -> It
                 idx = np.arange(s, min(len(grid), s + chunk_tiles))
                 if unit.kind == KIND_JPEG:
                     payload = jpeg_payloads(reader, grid, unit.layout, idx)
+                elif unit.scale > 1:
+                    payload = [t.tobytes() for t in scaled_tiles(reader, grid, unit.scale, idx)]
                 else:
                     tiles = read_tiles(reader, grid, idx, num_workers=1, resize=unit.src_px == grid.tile_px)
                     if normalizer is not None:

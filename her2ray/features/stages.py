@@ -39,7 +39,7 @@ def _rows(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def plan_units(batch: dict[str, np.ndarray], cfg: dict[str, Any], storage_options: dict | None,
-               transport: str, unit_tiles: int, guard: dict | None = None, ledger=None,
+               transport: str, device_type: str, unit_tiles: int, guard: dict | None = None, ledger=None,
                plugins: str | None = None) -> dict[str, list]:
     """Ray Data UDF: slides -> read units (pickled ``ReadUnit``). Opening and planning run under issue 15's
     per-slide watchdog (``guard``/``ledger``): a slide that hangs or keeps crashing its worker becomes one
@@ -52,7 +52,8 @@ def plan_units(batch: dict[str, np.ndarray], cfg: dict[str, Any], storage_option
     units = []
     for r in _rows(batch):
         def work(r=r):
-            return {"units": plan_slide(r, config, transport=transport, unit_tiles=unit_tiles)}
+            return {"units": plan_slide(r, config, transport=transport, device_type=device_type,
+                                         unit_tiles=unit_tiles)}
 
         def failed(reason, r=r):
             return {"units": [ReadUnit(row=unit_row(r), n_tiles=0, error=reason)]}
@@ -150,8 +151,7 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
     from .pipeline import _batch_items
 
     device = "cuda" if actors.get("num_gpus") else (cfg.device or "cpu")
-    if transport == "auto":     # compressed tiles pay off where a GPU decodes them; CPU-only: decode in readers
-        transport = "jpeg" if device.startswith("cuda") else "rgb"
+    device_type = "cuda" if device.startswith("cuda") else "cpu"     # "auto" transport: see transport_preference
     forward_rows = int(cfg.batch_size or (1024 if device.startswith("cuda") else 64))
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     readers = int(num_readers or max(1, int(cpus - actors.get("num_cpus", 1.0) * actors["num_actors"])))
@@ -190,7 +190,8 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
         with warnings.catch_warnings():       # retry bounds exist only as (deprecated) raw remote args in 2.60
             warnings.simplefilter("ignore")
             units = ds.map_batches(plan_units, fn_kwargs={"cfg": cfg.to_dict(), "storage_options": so,
-                                                          "transport": transport, "unit_tiles": unit_tiles,
+                                                          "transport": transport, "device_type": device_type,
+                                                          "unit_tiles": unit_tiles,
                                                           "guard": guard.to_dict(), "ledger": ledger,
                                                           "plugins": plugins},
                                    batch_size=1, batch_format="numpy", num_cpus=0.5,

@@ -21,6 +21,10 @@ class TilingConfig(StageConfig):
     mpp_tolerance: float = Field(0.02, ge=0.0, lt=0.5,
                                  description="relative tolerance: a level within it of target_mpp is read "
                                              "as-is (0.499 counts as 0.5) instead of being resized")
+    snap_read_px: bool = Field(False, description="read exactly 2x/4x/8x tile_px when that is within "
+                                                  "mpp_tolerance of target_mpp (a 0.252 um/px 40x scan gives "
+                                                  "512 px reads, 0.504 um/px tiles): lets the pipelined "
+                                                  "engine decode 40x scans at 1/2 in the DCT domain")
 
     # tissue mask (computed on a thumbnail)
     mask_mpp: float = Field(8.0, gt=0, description="um/px of the thumbnail the tissue mask is computed on")

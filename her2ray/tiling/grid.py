@@ -142,7 +142,8 @@ def plan_tiles(reader, cfg: TilingConfig | None = None, *, keep_mask: bool = Tru
     """
     cfg = cfg or TilingConfig()
     slide_mpp = reader.mpp
-    choice = choose_level(reader.level_downsamples, slide_mpp, cfg.target_mpp, cfg.tile_px, cfg.mpp_tolerance)
+    choice = choose_level(reader.level_downsamples, slide_mpp, cfg.target_mpp, cfg.tile_px, cfg.mpp_tolerance,
+                          snap=cfg.snap_read_px)
     ts = choice.tile_size_level0_px()
     dims = tuple(int(v) for v in reader.dimensions)
     mask, mask_mpp = slide_tissue_mask(reader, cfg)

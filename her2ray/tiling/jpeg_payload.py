@@ -35,7 +35,8 @@ class JpegLayout:
         return {"level": self.level, "file_tile_px": self.file_tile_px, "k": self.k, "rgb_coded": self.rgb_coded}
 
 
-def _level_origin(grid: TileGrid) -> tuple[np.ndarray, np.ndarray] | None:
+def level_origin(grid: TileGrid) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each tile's origin in read-level pixels, or None when one is not a whole pixel."""
     ds = float(grid.level_downsample)
     xl, yl = grid.x / ds, grid.y / ds
     rx, ry = np.rint(xl), np.rint(yl)
@@ -53,7 +54,7 @@ def jpeg_layout(reader, grid: TileGrid) -> JpegLayout | None:
     rp = int(grid.read_px)
     if tw != th or rp % tw or rp < grid.tile_px:
         return None
-    origin = _level_origin(grid)
+    origin = level_origin(grid)
     if origin is None:
         return None
     xl, yl = origin
@@ -80,7 +81,7 @@ def jpeg_payloads(reader, grid: TileGrid, layout: JpegLayout, indices: Sequence[
     src = reader.jpeg_tiles(layout.level)
     if src is None:
         raise ValueError(f"{reader.path}: level {layout.level} has no JPEG tiles")
-    origin = _level_origin(grid.subset(indices))
+    origin = level_origin(grid.subset(indices))
     if origin is None:
         raise ValueError(f"{reader.path}: tiles do not start on whole level pixels")
     ft, k = layout.file_tile_px, layout.k
