@@ -110,7 +110,7 @@ class QuietConsole:
         root.handlers = self._saved["handlers"]
         root.setLevel(self._saved["level"])
         for handler, stream in self._moved:
-            handler.setStream(stream)
+            _set_stream(handler, stream)
         _active = self._saved["active"]
         os.dup2(self._fd1, 1)
         os.dup2(self._fd2, 2)
@@ -138,8 +138,18 @@ def _move_library_handlers(log: TextIO) -> list[tuple[logging.StreamHandler, Any
         for handler in logger.handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 moved.append((handler, handler.stream))
-                handler.setStream(log)
+                _set_stream(handler, log)
     return moved
+
+
+def _set_stream(handler: logging.StreamHandler, stream) -> None:
+    """``handler.setStream`` that tolerates an old stream already closed (its flush would raise: seen when a
+    library's handler outlived the stream it was made with, e.g. a test's captured stderr)."""
+    try:
+        handler.setStream(stream)
+    except ValueError:
+        with handler.lock:
+            handler.stream = stream
 
 
 def _fileno(stream: TextIO, fallback: int) -> int:

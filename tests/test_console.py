@@ -46,6 +46,25 @@ def test_quiet_console_routes_fd_level_and_library_output_to_the_log(tmp_path, c
     assert "after" in capfd.readouterr().out
 
 
+def test_a_library_handler_whose_stream_was_closed_does_not_break_the_console(tmp_path):
+    """Seen in the suite: Ray's handler still held a captured stderr that had been closed since; moving it to
+    the log raised ``I/O operation on closed file`` from ``setStream``'s flush and the command died."""
+    import io
+
+    dead = io.StringIO()
+    handler = logging.StreamHandler(dead)
+    lib = logging.getLogger("somelib.closed_stream")
+    lib.addHandler(handler)
+    dead.close()
+    try:
+        with console.QuietConsole(str(tmp_path / "logs" / "x.log")):
+            lib.warning("into the log")
+        assert "into the log" in (tmp_path / "logs" / "x.log").read_text()
+        assert handler.stream is dead                                   # restored as it was
+    finally:
+        lib.removeHandler(handler)
+
+
 def test_doctor_reports_settings_but_never_secret_values(monkeypatch, tmp_path, capsys):
     from her2ray.cli import main
 

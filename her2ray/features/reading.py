@@ -15,7 +15,9 @@
 
 The plan is cut into read units of at most ``unit_tiles`` tiles, each read by its own task (several tasks
 per big slide, many slides ahead of the encoder). ``read_unit`` yields chunks (dicts of equal-length
-columns, ``CHUNK_COLUMNS``) of at most ``chunk_tiles`` rows. Any failure becomes one ``error`` row naming the
+columns, ``CHUNK_COLUMNS``) of at most ``chunk_tiles`` rows; the Ray stage ships each chunk as ONE row
+(``pack_chunk``) so that Ray Data's block splitting and merging never cut a chunk: with chunks of exactly one
+forward (``chunk_tiles`` = the encoder's forward rows), only a read unit's last forward is padded. Any failure becomes one ``error`` row naming the
 slide, so the assembler records the slide as failed and the cohort goes on.
 """
 
@@ -40,8 +42,8 @@ from .embed import EmbedConfig, _mpp_override, _mpp_provenance, _write_qc
 TRANSPORTS = ("auto", "jpeg", "rgb", "scaled")
 KIND_RGB, KIND_JPEG, KIND_ERROR = "rgb", "jpeg", "error"
 SCALED = "scaled"
-#: a chunk of raw pixels stays under this size (object store blocks of ~128 MiB at most)
-CHUNK_BYTES = 64 * 1024**2
+#: a chunk of raw pixels stays under this size: 1,024 tiles of 256 px (one GPU forward) fit, 512 px ones do not
+CHUNK_BYTES = 256 * 1024**2
 CHUNK_COLUMNS = ("slide_id", "tile_index", "n_tiles", "x", "y", "tissue_fraction", "kind", "src_px", "jpeg_k",
                  "rgb_coded", "payload", "info", "read_s")
 
@@ -168,6 +170,17 @@ def error_chunk(slide_id: str, message: str) -> dict[str, Any]:
             "tissue_fraction": np.array([0], np.float32), "kind": [KIND_ERROR], "src_px": np.array([0], np.int32),
             "jpeg_k": np.array([0], np.int32), "rgb_coded": np.array([False]), "payload": [b""],
             "info": [message], "read_s": np.array([0.0])}
+
+
+def pack_chunk(cols: Mapping[str, Any]) -> dict[str, list]:
+    """One Ray Data row holding a whole chunk (see the module docstring)."""
+    return {"slide_id": [str(cols["slide_id"][0])], "tiles": [len(cols["kind"])],
+            "chunk": [pickle.dumps(dict(cols), protocol=pickle.HIGHEST_PROTOCOL)]}
+
+
+def unpack_chunks(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The chunks of a batch of ``pack_chunk`` rows, in order."""
+    return [pickle.loads(raw) for raw in batch["chunk"]]
 
 
 def read_unit(unit: ReadUnit, cfg: EmbedConfig, *, chunk_tiles: int = 256) -> Iterator[dict[str, Any]]:

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from .embed import STATUS_FAILED, EmbedConfig, load_engine_encoder, status_row
-from .reading import ReadUnit, error_chunk, plan_slide, read_unit, unit_row
+from .reading import ReadUnit, error_chunk, pack_chunk, plan_slide, read_unit, unit_row
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ def plan_units(batch: dict[str, np.ndarray], cfg: dict[str, Any], storage_option
 def read_tiles_udf(batch: dict[str, np.ndarray], cfg: dict[str, Any], storage_options: dict | None,
                    chunk_tiles: int, guard: dict | None = None, ledger=None,
                    plugins: str | None = None) -> Iterator[dict[str, Any]]:
-    """Ray Data UDF (generator): read units -> chunks of tile payloads. Each chunk is read under issue 15's
+    """Ray Data UDF (generator): read units -> chunks of tile payloads, one row per chunk (``pack_chunk``: Ray
+    Data then never splits a chunk across encoder calls, so forwards are full). Each chunk is read under issue 15's
     watchdog and crash ledger (``guard``/``ledger``, keyed per read unit): a unit whose reading hangs or keeps
     crashing its worker ends as one error row (``timed out after N s while reading tiles`` / ``worker crashed N
     times on this slide``), which fails its slide."""
@@ -77,12 +78,12 @@ def read_tiles_udf(batch: dict[str, np.ndarray], cfg: dict[str, Any], storage_op
     for raw in batch["unit"]:
         unit = ReadUnit.from_bytes(raw)
         chunks = read_unit(unit, config, chunk_tiles=chunk_tiles)
-        if keeper is None or unit.error is not None:
-            yield from chunks
-            continue
-        sid = unit.row["slide_id"]
-        yield from keeper.iterate(f"{sid}#read@{unit.start}", unit.row["path"], chunks,
-                                  lambda reason, sid=sid: error_chunk(sid, reason))
+        if keeper is not None and unit.error is None:
+            sid = unit.row["slide_id"]
+            chunks = keeper.iterate(f"{sid}#read@{unit.start}", unit.row["path"], chunks,
+                                    lambda reason, sid=sid: error_chunk(sid, reason))
+        for cols in chunks:
+            yield pack_chunk(cols)
 
 
 class EncodeActor:
@@ -101,9 +102,11 @@ class EncodeActor:
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from .fast_engine import encode_chunk
+        from .fast_engine import encode_chunks
+        from .reading import unpack_chunks
 
-        out = encode_chunk(self.loop, batch, self.cfg.tiling.tile_px)
+        out = encode_chunks(self.loop, unpack_chunks(batch), self.cfg.tiling.tile_px)
+        out = {k: v if isinstance(v, np.ndarray) else np.asarray(v) for k, v in out.items()}
         n = len(out["kind"])
         out["actor"] = [self.actor_id] * n
         out["loop_stats"] = [json.dumps(self.loop.stats.to_dict())] + [""] * (n - 1)
@@ -153,6 +156,7 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
     device = "cuda" if actors.get("num_gpus") else (cfg.device or "cpu")
     device_type = "cuda" if device.startswith("cuda") else "cpu"     # "auto" transport: see transport_preference
     forward_rows = int(cfg.batch_size or (1024 if device.startswith("cuda") else 64))
+    unit_tiles = max(1, int(unit_tiles) // forward_rows) * forward_rows     # only a slide's last forward is short
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
     readers = int(num_readers or max(1, int(cpus - actors.get("num_cpus", 1.0) * actors["num_actors"])))
     # >= 2 planners, and half a logical CPU per planning/reading task: a slide that hangs while it is opened
@@ -197,7 +201,7 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
                                    batch_size=1, batch_format="numpy", num_cpus=0.5,
                                    compute=ray.data.TaskPoolStrategy(size=planners), **retries)
             tiles = units.map_batches(read_tiles_udf, fn_kwargs={"cfg": cfg.to_dict(), "storage_options": so,
-                                                                 "chunk_tiles": max(8, forward_rows // 4),
+                                                                 "chunk_tiles": forward_rows,
                                                                  "guard": guard.to_dict(), "ledger": ledger,
                                                                  "plugins": plugins},
                                       batch_size=1, batch_format="numpy", num_cpus=0.5,
@@ -210,8 +214,9 @@ def run_pipelined(ray, todo: list[dict[str, Any]], out: str, cfg: EmbedConfig, a
             # whole reader blocks per call, never re-bundled to ``forward_rows``: Ray Data's bundler holds rows
             # back until a full batch is queued or ALL upstream work is done, so the last tiles of a slide
             # waited for other slides' tiles, and behind a hanging slide (until its watchdog timeout) they
-            # waited with it: finished slides were not committed (the kill -9 drill's root cause). The loop
-            # still cuts each call into fixed-shape forwards; only a block's last forward is padded.
+            # waited with it: finished slides were not committed (the kill -9 drill's root cause). Each row
+            # is one reader chunk of ``forward_rows`` tiles, encoded as its own fixed-shape forward(s): only a
+            # read unit's last chunk is padded.
             batch_size=None, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors["num_actors"], max_tasks_in_flight_per_actor=4,
                                                max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
