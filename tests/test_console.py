@@ -49,9 +49,7 @@ def test_quiet_console_routes_fd_level_and_library_output_to_the_log(tmp_path, c
 def test_a_library_handler_whose_stream_was_closed_does_not_break_the_console(tmp_path):
     """Seen in the suite: Ray's handler still held a captured stderr that had been closed since; moving it to
     the log raised ``I/O operation on closed file`` from ``setStream``'s flush and the command died."""
-    import io
-
-    dead = io.StringIO()
+    dead = open(tmp_path / "captured-stderr.txt", "w")     # noqa: SIM115 - closed below on purpose
     handler = logging.StreamHandler(dead)
     lib = logging.getLogger("somelib.closed_stream")
     lib.addHandler(handler)
