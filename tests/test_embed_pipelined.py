@@ -7,6 +7,7 @@ The Ray pipeline itself runs in tests/test_embed.py (`--engine pipelined`, local
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +33,9 @@ def slide40x(tmp_path_factory) -> str:
 
     return write_synthetic_slide(str(tmp_path_factory.mktemp("s40") / "s40.tiff"), 3072, 2048, mpp=0.25,
                                  seed=11, level_step=4)
+
+
+DICOM = str(Path(__file__).parent / "data" / "cmu1_small_dicom")
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -127,7 +131,7 @@ def test_transport_preference_and_route_choice(slide40x):
 
 
 @pytest.mark.parametrize("case", ["synthetic-40x", "synthetic-40x-jpeg", "svs-native", "svs-1.0mpp", "svs-2x",
-                                  "svs-40x-snapped"])
+                                  "svs-40x-snapped", "dicom-native", "dicom-2x"])
 def test_pipelined_features_equal_reference_engine(case, tmp_path, slide40x, cmu_small_region, tiny_encoder,
                                                    monkeypatch):
     """New path vs today's reference (OpenSlide read, CPU resize): same tiles, cosine >= 0.9999 per tile."""
@@ -140,6 +144,9 @@ def test_pipelined_features_equal_reference_engine(case, tmp_path, slide40x, cmu
         "svs-2x": (str(cmu_small_region), TilingConfig(target_mpp=1.0), "auto", 0.5, "rgb", "dct-1/2"),
         # a 0.252 um/px "40x" scan: 508 px reads by default (rgb route); snapped to 512 -> DCT-scaled
         "svs-40x-snapped": (str(cmu_small_region), TilingConfig(snap_read_px=True), "auto", 0.252, "rgb", "dct-1/2"),
+        # DICOM JPEG frames (256 px) through the same routes: compressed 1 x 1 frames, DCT-scaled 2 x 2 frames
+        "dicom-native": (DICOM, TilingConfig(), "jpeg", None, "jpeg", "none"),
+        "dicom-2x": (DICOM, TilingConfig(target_mpp=1.0), "auto", 0.5, "rgb", "dct-1/2"),
     }[case]
     cfg = EmbedConfig(encoder="open_clip", weights=tiny_encoder, batch_size=8, tiling=tiling)
     enc = load_engine_encoder(cfg)

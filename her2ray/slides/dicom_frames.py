@@ -9,6 +9,8 @@ equals an OpenSlide level, JPEG Baseline transfer syntax (1.2.840.10008.1.2.4.50
 (``YBR_FULL``/``YBR_FULL_422``: the JPEG stream says YCbCr, so every decoder agrees), ``TILED_FULL``
 frame order, one focal plane and optical path, no concatenation, one fragment per frame. Anything else
 (and any doubt) stays with OpenSlide. Optional: without pydicom this module declines every slide.
+The frames also feed the pipelined engine's compressed (``jpeg``) and DCT-scaled (``scaled``) routes, through
+the same ``TiffTileDecoder`` accessors (``OpenSlideReader.jpeg_tiles``).
 """
 
 from __future__ import annotations
@@ -144,8 +146,8 @@ class DicomFrameDecoder:
     def supports(self, level: int) -> bool:
         return level in self._per_level
 
-    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        return self._per_level[level].read(level, x, y, w, h)
+    def read(self, level: int, x: int, y: int, w: int, h: int, scale: int = 1) -> np.ndarray:
+        return self._per_level[level].read(level, x, y, w, h, scale=scale)
 
     def __getattr__(self, name: str):
         """Every other per-level method of ``TiffTileDecoder`` (``method(level, ...)``, e.g. the compressed-

@@ -65,10 +65,10 @@ class OpenSlideReader(StaticMetadataReader):
                     log.debug("%s: fast TIFF read failed (%s); using OpenSlide", self.path, exc)
         return super()._read_rgb(x0, y0, level, w, h)
 
-    def jpeg_tiles(self, level: int) -> TiffTileDecoder | None:
-        """The level's compressed-tile source when its tiles are plain JPEG TIFF tiles, else None."""
+    def jpeg_tiles(self, level: int) -> TiffTileDecoder | DicomFrameDecoder | None:
+        """The level's compressed-tile source when its tiles are plain JPEG TIFF tiles or DICOM JPEG frames."""
         fast = self._fast
-        return fast if isinstance(fast, TiffTileDecoder) and fast.supports(level) else None
+        return fast if isinstance(fast, (TiffTileDecoder, DicomFrameDecoder)) and fast.supports(level) else None
 
     def _read_rgba(self, x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
         import openslide
