@@ -235,3 +235,31 @@ def test_assembler_commits_whole_slides_only(tmp_path, slide40x, tiny_encoder):
     import os
 
     assert sorted(os.listdir(tmp_path / "features")) == ["a.parquet"]          # never a partial slide file
+
+
+def test_packed_chunks_fill_forwards_together(slide40x, tiny_encoder):
+    """What the Ray encoder stage gets: several packed reader chunks per call (one Ray Data row each, so Ray
+    Data never cuts one). A full chunk is a full forward, and the short tails of two read units share a
+    forward instead of each being padded; features equal chunk-by-chunk encoding."""
+    from her2ray.features.fast_engine import encode_chunk, encode_chunks
+    from her2ray.features.reading import pack_chunk, unpack_chunks
+
+    cfg = EmbedConfig(encoder="open_clip", weights=tiny_encoder, batch_size=5)
+    enc = load_engine_encoder(cfg)
+    units = plan_slide({"slide_id": "a", "path": slide40x}, cfg, unit_tiles=7)
+    chunks = [c for u in units[:2] for c in read_unit(u, cfg, chunk_tiles=5)]
+    assert [len(c["kind"]) for c in chunks] == [5, 2, 5, 2]
+    packed = [pack_chunk(c) for c in chunks]
+    batch = {k: np.array([v for p in packed for v in p[k]], dtype=object) for k in packed[0]}
+    assert list(batch["tiles"]) == [5, 2, 5, 2]
+    loop = EncodeLoop(enc, rows=5)
+    try:
+        together = encode_chunks(loop, unpack_chunks(batch), cfg.tiling.tile_px)
+        assert (loop.stats.forwards, loop.stats.rows, loop.stats.padded_rows) == (3, 14, 1)
+        alone = np.concatenate([encode_chunk(loop, c, cfg.tiling.tile_px)["feature"] for c in chunks])
+        assert (loop.stats.forwards, loop.stats.padded_rows) == (3 + 4, 1 + 6)     # one by one: 4 forwards
+    finally:
+        loop.close()
+    np.testing.assert_array_equal(together["feature"], alone)
+    np.testing.assert_array_equal(together["tile_index"], np.arange(14))
+    assert list(together["slide_id"]) == ["a"] * 14

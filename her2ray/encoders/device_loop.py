@@ -97,17 +97,15 @@ class EncodeLoop:
 
     # ---- public -------------------------------------------------------------------------------
     def encode_rows(self, kinds: Sequence[str], payloads: Sequence, src_px: Sequence[int], k: Sequence[int],
-                    rgb_coded: Sequence[bool], tile_px: int, segment: Sequence[int] | None = None) -> np.ndarray:
-        """float16 ``[n, dim]`` features of mixed rows (any slides, any kinds), in input order; rows of different
-        ``segment`` never share a forward (so a caller's full chunks stay full forwards)."""
+                    rgb_coded: Sequence[bool], tile_px: int) -> np.ndarray:
+        """float16 ``[n, dim]`` features of mixed rows (any slides, any kinds), in input order."""
         n = len(kinds)
         out = np.zeros((n, self.encoder.dim), dtype=np.float16)
         groups: dict[tuple, list[int]] = {}
         for i in range(n):
-            seg = 0 if segment is None else int(segment[i])
-            groups.setdefault((seg, str(kinds[i]), int(src_px[i]), int(k[i]), bool(rgb_coded[i])), []).append(i)
+            groups.setdefault((str(kinds[i]), int(src_px[i]), int(k[i]), bool(rgb_coded[i])), []).append(i)
         pending = []
-        for (_, kind, sp, kk, rgb), idx in groups.items():
+        for (kind, sp, kk, rgb), idx in groups.items():
             for s in range(0, len(idx), self.rows):
                 part = idx[s:s + self.rows]
                 item = MicroBatch(kind, [payloads[i] for i in part], sp, kk, rgb, int(tile_px))

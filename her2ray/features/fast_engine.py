@@ -39,22 +39,19 @@ OUT_COLUMNS = ("slide_id", "tile_index", "n_tiles", "x", "y", "tissue_fraction",
 
 
 def encode_chunks(loop: EncodeLoop, chunks: Sequence[Mapping[str, Any]], tile_px: int) -> dict[str, Any]:
-    """``encode_chunk`` over several reader chunks at once (all their forwards in flight together), with no
-    forward spanning two chunks: a full chunk is exactly full forwards."""
+    """``encode_chunk`` over several reader chunks at once: their tiles fill forwards together, so the short
+    tails of several read units share forwards (fixed shapes keep each tile's features independent of that)."""
     if len(chunks) == 1:
         return encode_chunk(loop, chunks[0], tile_px)
     cols = {k: np.concatenate([np.asarray(c[k], dtype=object if k in ("slide_id", "kind", "info") else None)
                                for c in chunks]) for k in OUT_COLUMNS + ("src_px", "jpeg_k", "rgb_coded")}
     cols["payload"] = [p for c in chunks for p in c["payload"]]
-    segment = np.repeat(np.arange(len(chunks)), [len(c["kind"]) for c in chunks])
-    return encode_chunk(loop, cols, tile_px, segment=segment)
+    return encode_chunk(loop, cols, tile_px)
 
 
-def encode_chunk(loop: EncodeLoop, cols: Mapping[str, Any], tile_px: int,
-                 segment: np.ndarray | None = None) -> dict[str, Any]:
+def encode_chunk(loop: EncodeLoop, cols: Mapping[str, Any], tile_px: int) -> dict[str, Any]:
     """Encoder output for a batch of reader rows: the rows' metadata + ``feature`` float16 [n, dim] + the
-    encoder seconds spent per row (``encode_s``); error rows pass through with zero features. Rows of
-    different ``segment`` (chunk) never share a forward."""
+    encoder seconds spent per row (``encode_s``); error rows pass through with zero features."""
     t0 = time.perf_counter()
     kinds = np.asarray(cols["kind"]).astype(str)
     n = len(kinds)
@@ -63,8 +60,7 @@ def encode_chunk(loop: EncodeLoop, cols: Mapping[str, Any], tile_px: int,
     if len(ok):
         payload = cols["payload"]
         feats[ok] = loop.encode_rows(kinds[ok], [payload[i] for i in ok], np.asarray(cols["src_px"])[ok],
-                                     np.asarray(cols["jpeg_k"])[ok], np.asarray(cols["rgb_coded"])[ok], tile_px,
-                                     segment=None if segment is None else np.asarray(segment)[ok])
+                                     np.asarray(cols["jpeg_k"])[ok], np.asarray(cols["rgb_coded"])[ok], tile_px)
     out = {k: cols[k] for k in OUT_COLUMNS}
     out["feature"] = feats
     out["encode_s"] = np.full(n, (time.perf_counter() - t0) / max(1, n))

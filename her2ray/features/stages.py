@@ -1,18 +1,19 @@
 """The pipelined engine on Ray Data: thin wrappers around ``reading``, ``fast_engine`` and ``assemble``.
 
-Shape (rows = slides, then read units, then tiles)::
+Shape (rows = slides, then read units, then chunks of tiles; the encoder returns a row per tile)::
 
     from_items(slides)                                                    one block per slide
       .map_batches(plan_units,  TaskPool(p), num_cpus=1)   open, thumbnail, tissue mask, grid -> read units
-      .map_batches(read_tiles,  TaskPool(r), num_cpus=1)   units -> chunks of tile payloads (generator)
+      .map_batches(read_tiles,  TaskPool(r), num_cpus=1)   units -> chunks of one forward's tiles, one row each
       .map_batches(EncodeActor, ActorPool(n, 4 blocks in flight, 2 concurrent calls, threads),
-                   whole reader blocks, num_gpus=1 | num_cpus=c)   one read unit's tiles -> float16 features
+                   whole blocks, num_gpus=1 | num_cpus=c)   chunks -> full fixed-shape forwards -> float16 features
       .iter_batches()  -> driver: SlideAssembler commits each slide's file when its last tile is in
 
 Planning and reading are CPU tasks placed wherever the cluster has CPUs, several slides ahead of the encoder;
 how far ahead is bounded by Ray Data's streaming backpressure (object store budget, optionally capped with
 ``max_inflight_mb``) and by the reader pool size. Only compressed tiles (or pixels, for slides the JPEG path
-cannot serve) cross the object store; only 2-byte features come back to the driver.
+cannot serve; DCT-scaled tiles already at tile size) cross the object store; only 2-byte features come back
+to the driver.
 """
 
 from __future__ import annotations
