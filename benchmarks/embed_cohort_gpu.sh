@@ -27,8 +27,8 @@ FILES=${FILES:-3}
 PX_40X=${PX_40X:-32768}
 PX_20X=${PX_20X:-16384}
 BIG=${BIG:-2}
-BIG_PX_40X=${BIG_PX_40X:-98304}
-BIG_PX_20X=${BIG_PX_20X:-49152}
+BIG_PX_40X=${BIG_PX_40X:-131072}
+BIG_PX_20X=${BIG_PX_20X:-57344}
 ENGINES=${ENGINES:-pipelined,pipelined:jpeg,slide}
 RESULTS=${OUT:-/tmp}
 cd "$(dirname "$0")/.."

@@ -67,8 +67,8 @@ def read_tiles_udf(batch: dict[str, np.ndarray], cfg: dict[str, Any], storage_op
                    chunk_tiles: int, guard: dict | None = None, ledger=None,
                    plugins: str | None = None) -> Iterator[dict[str, Any]]:
     """Ray Data UDF (generator): read units -> chunks of tile payloads, one row per chunk (``pack_chunk``: Ray
-    Data then never splits a chunk across encoder calls, so forwards are full). Each chunk is read under issue 15's
-    watchdog and crash ledger (``guard``/``ledger``, keyed per read unit): a unit whose reading hangs or keeps
+    Data then never splits a chunk across encoder calls, so forwards are full). Each chunk is read under issue
+    15's watchdog and crash ledger (``guard``/``ledger``, keyed per read unit): a unit whose reading hangs or keeps
     crashing its worker ends as one error row (``timed out after N s while reading tiles`` / ``worker crashed N
     times on this slide``), which fails its slide."""
     from .. import watchdog
