@@ -64,7 +64,8 @@ def _rows(c: dict[str, str]) -> list[dict]:
         {"slide_id": "syn1", "path": c["syn1"], "mpp": "", "patient_id": "P1", "her2_score": "0"},
         {"slide_id": "syn2", "path": c["syn2"], "mpp": "0.5", "patient_id": "P2", "her2_score": "3+"},
         {"slide_id": "cmu", "path": c["cmu"], "mpp": "", "patient_id": "P3", "her2_score": "1+"},
-        {"slide_id": "nompp_fixed", "path": c["nompp"], "mpp": "0.5", "patient_id": "P4", "her2_score": "2+"},
+        # given as a 0.25 um/px "40x" scan: 512 px reads -> the pipelined engine's DCT-scaled route on Ray
+        {"slide_id": "nompp_fixed", "path": c["nompp"], "mpp": "0.25", "patient_id": "P4", "her2_score": "2+"},
         {"slide_id": "nompp", "path": c["nompp"], "mpp": "", "patient_id": "P4", "her2_score": "2+"},
         {"slide_id": "blank", "path": c["blank"], "mpp": "", "patient_id": "P5", "her2_score": "0"},
         {"slide_id": "corrupt", "path": c["corrupt"], "mpp": "", "patient_id": "P6", "her2_score": "0"},
@@ -166,7 +167,7 @@ def test_cli_end_to_end_local_store_and_resume(ray_session, tmp_path, cohort, ti
         assert cat.set_index("slide_id").loc[sid, "error"].startswith(kind)
     assert {"patient_id", "her2_score", "manifest_mpp"} <= set(cat.columns)   # carried manifest columns
     expected = {"syn1": _tile_count(cohort["syn1"]), "syn2": _tile_count(cohort["syn2"], 0.5),
-                "cmu": _tile_count(cohort["cmu"]), "nompp_fixed": _tile_count(cohort["nompp"], 0.5)}
+                "cmu": _tile_count(cohort["cmu"]), "nompp_fixed": _tile_count(cohort["nompp"], 0.25)}
     assert dict(zip(cat.slide_id, cat.n_tiles)) == {**expected, **{k: 0 for k in EXPECTED_FAIL}}
     assert cat.set_index("slide_id").loc["cmu", "mpp"] == pytest.approx(0.499, abs=1e-3)
 
@@ -183,6 +184,9 @@ def test_cli_end_to_end_local_store_and_resume(ray_session, tmp_path, cohort, ti
     stages = run["summary"]["stages"]                       # the default (pipelined) engine's statistics
     assert stages["engine"] == "pipelined" and stages["tiles"] == sum(expected.values())
     assert 0 <= stages["device_idle_share"] <= 1 and stages["steady_tiles_per_s"] is not None
+    routes = {sid: read_slide_features(feature_url(str(out), sid)).meta.extra["transport"] for sid in expected}
+    assert routes["nompp_fixed"]["downscale"] == "dct-1/2" and routes["nompp_fixed"]["payload_px"] == 256
+    assert {routes[s]["downscale"] for s in ("syn1", "syn2", "cmu")} == {"none"}
 
     # features of a tile == encoder applied to the tile read directly
     sf = read_slide_features(feature_url(str(out), "syn2"))
