@@ -132,8 +132,7 @@ class TiffTileDecoder:
     def can_scale(self, level: int, scale: int) -> bool:
         """True when the level's file tiles can be decoded at 1/``scale`` (2, 4, 8) into whole pixels."""
         lv = self._levels.get(level)
-        return (lv is not None and scale in SCALES and lv.tile_w % scale == 0 and lv.tile_h % scale == 0
-                and _simplejpeg() is not None)
+        return lv is not None and scale in SCALES and lv.tile_w % scale == 0 and lv.tile_h % scale == 0
 
     def read(self, level: int, x: int, y: int, w: int, h: int, scale: int = 1) -> np.ndarray:
         """uint8 RGB [h, w, 3] at level coordinates (x, y); white outside the image or for empty tiles.
@@ -183,9 +182,11 @@ class TiffTileDecoder:
             segment, _, _ = lv.page.decode(data, index, jpegtables=lv.page.jpegtables)
             tile = np.ascontiguousarray(segment[0, :, :, :3])
         else:
+            import simplejpeg
+
             tw, th = lv.tile_w // scale, lv.tile_h // scale
-            tile = _simplejpeg().decode_jpeg(self._stream(level, lv, index), colorspace="RGB",
-                                             min_height=th, min_width=tw)
+            tile = simplejpeg.decode_jpeg(self._stream(level, lv, index), colorspace="RGB",
+                                          min_height=th, min_width=tw)
             if tile.shape[:2] != (th, tw):
                 raise OSError(f"tile {index} of level {level}: decoded at 1/{scale} to {tile.shape[:2]}, "
                               f"expected {(th, tw)}")
@@ -207,19 +208,11 @@ class TiffTileDecoder:
             self._cache.clear()
 
 
-def _simplejpeg():
-    """simplejpeg (libjpeg-turbo with DCT-domain scaling), or None where it is not installed."""
-    try:
-        import simplejpeg
-    except ImportError:  # pragma: no cover - a declared dependency; the scaled transport is then not offered
-        return None
-    return simplejpeg
-
-
 def scaled_decoder_name() -> str:
     """What decodes the ``scaled`` transport's tiles (recorded in each feature file)."""
-    mod = _simplejpeg()
-    return f"libjpeg-turbo DCT scaling (simplejpeg {getattr(mod, '__version__', '?')})"
+    import simplejpeg
+
+    return f"libjpeg-turbo DCT scaling (simplejpeg {simplejpeg.__version__})"
 
 
 def _decodable(page) -> bool:

@@ -45,6 +45,34 @@ def level_origin(grid: TileGrid) -> tuple[np.ndarray, np.ndarray] | None:
     return rx.astype(np.int64), ry.astype(np.int64)
 
 
+def aligned_origins(grid: TileGrid, step: int, level_w: int, level_h: int
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each tile's read-level origin when every tile starts on a whole multiple of ``step`` pixels and its
+    ``read_px`` square lies inside the ``level_w`` x ``level_h`` level, else None."""
+    origin = level_origin(grid)
+    if origin is None:
+        return None
+    xl, yl = origin
+    rp = int(grid.read_px)
+    if (xl % step).any() or (yl % step).any() or (xl < 0).any() or (yl < 0).any():
+        return None
+    if (xl + rp > level_w).any() or (yl + rp > level_h).any():
+        return None
+    return xl, yl
+
+
+def tile_source(reader, grid: TileGrid, indices: Sequence[int]):
+    """(the read level's compressed-tile source, origins of tiles ``indices``): what the compressed and the
+    DCT-scaled readers both start from; an error naming the slide when the level cannot serve them."""
+    src = reader.jpeg_tiles(grid.level)
+    if src is None:
+        raise ValueError(f"{reader.path}: level {grid.level} has no JPEG tiles")
+    origin = level_origin(grid.subset(np.asarray(indices, dtype=np.int64)))
+    if origin is None:
+        raise ValueError(f"{reader.path}: tiles do not start on whole level pixels")
+    return src, origin
+
+
 def jpeg_layout(reader, grid: TileGrid) -> JpegLayout | None:
     """The layout when every tile of ``grid`` can be shipped as compressed file tiles, else None."""
     src = reader.jpeg_tiles(grid.level)
@@ -54,14 +82,10 @@ def jpeg_layout(reader, grid: TileGrid) -> JpegLayout | None:
     rp = int(grid.read_px)
     if tw != th or rp % tw or rp < grid.tile_px:
         return None
-    origin = level_origin(grid)
+    origin = aligned_origins(grid, tw, lw, lh)
     if origin is None:
         return None
     xl, yl = origin
-    if (xl % tw).any() or (yl % tw).any() or (xl < 0).any() or (yl < 0).any():
-        return None
-    if (xl + rp > lw).any() or (yl + rp > lh).any():
-        return None
     k = rp // tw
     counts = src.tile_byte_counts(grid.level)
     n_across = -(-lw // tw)
@@ -78,12 +102,7 @@ def _file_tile_indices(c0: np.ndarray, r0: np.ndarray, k: int, n_across: int) ->
 
 def jpeg_payloads(reader, grid: TileGrid, layout: JpegLayout, indices: Sequence[int]) -> list[bytes]:
     """Packed compressed tiles (see the module docstring) of the grid tiles ``indices``, in that order."""
-    src = reader.jpeg_tiles(layout.level)
-    if src is None:
-        raise ValueError(f"{reader.path}: level {layout.level} has no JPEG tiles")
-    origin = level_origin(grid.subset(indices))
-    if origin is None:
-        raise ValueError(f"{reader.path}: tiles do not start on whole level pixels")
+    src, origin = tile_source(reader, grid, indices)
     ft, k = layout.file_tile_px, layout.k
     out = []
     for xl, yl in zip(*origin):

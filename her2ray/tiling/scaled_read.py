@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from .grid import TileGrid
-from .jpeg_payload import level_origin
+from .jpeg_payload import aligned_origins, tile_source
 
 
 def dct_scale(reader, grid: TileGrid) -> int | None:
@@ -32,30 +32,15 @@ def dct_scale(reader, grid: TileGrid) -> int | None:
     src = reader.jpeg_tiles(grid.level)
     if src is None or not src.can_scale(grid.level, s):
         return None
-    origin = level_origin(grid)
-    if origin is None:
-        return None
-    xl, yl = origin
     _, _, lw, lh = src.tile_grid(grid.level)
-    rp = int(grid.read_px)
-    if (xl % s).any() or (yl % s).any() or (xl < 0).any() or (yl < 0).any():
-        return None
-    if (xl + rp > lw).any() or (yl + rp > lh).any():
-        return None
-    return s
+    return s if aligned_origins(grid, s, lw, lh) is not None else None
 
 
 def scaled_tiles(reader, grid: TileGrid, scale: int, indices: Sequence[int]) -> np.ndarray:
     """uint8 ``[N, tile_px, tile_px, 3]`` tiles ``indices`` of ``grid``, decoded at 1/``scale``."""
-    src = reader.jpeg_tiles(grid.level)
-    if src is None:
-        raise ValueError(f"{reader.path}: level {grid.level} has no JPEG tiles")
-    idx = np.asarray(indices, dtype=np.int64)
-    origin = level_origin(grid.subset(idx))
-    if origin is None:
-        raise ValueError(f"{reader.path}: tiles do not start on whole level pixels")
+    src, origin = tile_source(reader, grid, indices)
     tp, rp = int(grid.tile_px), int(grid.read_px)
-    out = np.empty((len(idx), tp, tp, 3), np.uint8)
+    out = np.empty((len(origin[0]), tp, tp, 3), np.uint8)
     for i, (xl, yl) in enumerate(zip(*origin)):
         out[i] = src.read(grid.level, int(xl), int(yl), rp, rp, scale=scale)
     return out
